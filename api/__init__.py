@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP API. It never imports torch or the worker."""

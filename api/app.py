@@ -1,0 +1,53 @@
+"""The FastAPI application. ``create_app(settings)`` builds the services once
+(Redis client, registry, reply router, Celery sender) and keeps them on
+``app.state``; routes fetch them through ``api.deps``."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+
+from api import errors
+from api.jobs import Jobs
+from api.replies import ReplyRouter
+from api.routes import router
+from broker import __version__
+from broker.celery_app import make_celery
+from broker.keys import Keys
+from broker.registry import Registry
+from broker.settings import Settings
+
+log = logging.getLogger("llmq.api")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    instance = uuid.uuid4().hex[:12]
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        keys = Keys(settings.key_prefix)
+        r = aioredis.from_url(settings.redis_url)
+        replies = ReplyRouter(r, keys.reply_channel(instance))
+        await replies.start()
+        registry = Registry(r, keys, settings.registry_cache_s)
+        celery = make_celery(settings, main="llmq-api")
+        app.state.settings = settings
+        app.state.registry = registry
+        app.state.jobs = Jobs(settings, r, keys, registry, replies, celery)
+        log.info("API instance %s up, redis %s, reply channel %s", instance, settings.redis_url, replies.channel)
+        try:
+            yield
+        finally:
+            await replies.stop()
+            await r.aclose()
+
+    app = FastAPI(title="llmq", version=__version__, lifespan=lifespan)
+    errors.install(app)
+    app.include_router(router)
+    return app

@@ -1,0 +1,121 @@
+"""One error shape for every failure, OpenAI's:
+``{"error": {"message", "type", "param", "code"}}``.
+
+``APIError`` is raised anywhere in the API; the handlers here turn it, a
+request validation failure and anything unexpected into that shape with the
+right status and one log line an operator can act on.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("llmq.api")
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, dict[str, str | None]]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(
+        404, f"The model '{model}' does not exist or no worker ever served it.", code="model_not_found", param="model"
+    )
+
+
+def no_live_worker(model: str) -> APIError:
+    return APIError(
+        503,
+        f"No live worker serves the model '{model}' right now; start one with `llmq worker --model-path ...`.",
+        type="service_unavailable_error",
+        code="no_live_worker",
+        param="model",
+    )
+
+
+def queue_full(model: str, depth: int, retry_after_s: int) -> APIError:
+    return APIError(
+        429,
+        f"The queue for '{model}' is full ({depth} jobs waiting); retry after {retry_after_s} s.",
+        type="rate_limit_error",
+        code="queue_full",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+def unsupported(param: str, why: str = "") -> APIError:
+    detail = f" {why}" if why else ""
+    return APIError(400, f"'{param}' is not supported by this server.{detail}", code="unsupported_parameter", param=param)
+
+
+def _param_from_loc(loc: tuple[int | str, ...]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    # pydantic puts the union member's type name in the path ("str", "list[...]"):
+    # the user named the field, not the type.
+    parts = [p for p in parts if not (p.startswith(("list[", "function-")) or p in ("str", "int", "float"))]
+    return ".".join(parts) or None
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0]
+    param = _param_from_loc(tuple(first.get("loc", ())))
+    msg = first.get("msg", "invalid request")
+    if first.get("type") == "extra_forbidden":
+        msg = f"Unrecognized request argument supplied: {param}"
+    elif first.get("type") == "json_invalid":
+        msg = f"We could not parse the JSON body of your request: {msg}"
+        param = None
+    elif param:
+        msg = f"Invalid value for '{param}': {msg}"
+    log.info("400 %s %s: %s", request.method, request.url.path, msg)
+    return APIError(400, msg, param=param).response()
+
+
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    level = logging.WARNING if exc.status >= 500 else logging.INFO
+    log.log(level, "%d %s %s code=%s: %s", exc.status, request.method, request.url.path, exc.code, exc.message)
+    return exc.response()
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return APIError(exc.status_code, str(exc.detail), type=kind).response()
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("500 %s %s: unexpected %s", request.method, request.url.path, type(exc).__name__)
+    return APIError(500, "The server had an internal error; the log has the details.", type="server_error").response()
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(APIError, _api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,39 @@
+"""The Celery wiring both sides agree on. The API only sends tasks by name;
+the worker registers the task under the same name (``worker/tasks.py``)."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from broker.settings import Settings
+
+GENERATE_TASK = "llmq.generate"
+
+
+def make_celery(settings: Settings, main: str = "llmq") -> Celery:
+    app = Celery(main, broker=settings.redis_url)
+    app.conf.update(
+        # Jobs are JSON: readable in Flower and safe to decode.
+        task_serializer="json",
+        accept_content=["json"],
+        # Results travel over our own reply channel, never a result backend.
+        task_ignore_result=True,
+        # A worker holds only the jobs it is running, so an idle worker
+        # elsewhere gets the rest: pull-based dispatch replaces FastChat's
+        # shortest-queue guess.
+        worker_prefetch_multiplier=1,
+        worker_disable_prefetch=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # Kombu redelivers an unacked message after this long even if its
+        # worker lives; the claim key makes a second delivery harmless.
+        broker_transport_options={"visibility_timeout": 3600},
+        broker_connection_retry_on_startup=True,
+        # Flower shows each job as a task.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        # Nothing else should land on Celery's default queue.
+        task_default_queue="llmq.default",
+        worker_hijack_root_logger=False,
+    )
+    return app

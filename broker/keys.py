@@ -1,0 +1,51 @@
+"""Every Redis name llmq uses. This is the only module that spells them.
+
+Celery's own keys (the model queues, unacked sets) stay as kombu names them so
+Flower can read queue lengths; the queue *names* are built here too.
+"""
+
+from __future__ import annotations
+
+QUEUE_PREFIX = "llmq."
+
+
+def queue_name(model: str) -> str:
+    """The Celery queue that carries jobs for one served model name."""
+    return f"{QUEUE_PREFIX}{model}"
+
+
+class Keys:
+    """Key and channel names under one prefix (default ``llmq:``)."""
+
+    def __init__(self, prefix: str = "llmq:") -> None:
+        self.prefix = prefix
+
+    def __repr__(self) -> str:
+        return f"Keys(prefix={self.prefix!r})"
+
+    # registry
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}worker:{worker_id}"
+
+    def worker_pattern(self) -> str:
+        return f"{self.prefix}worker:*"
+
+    def models_seen(self) -> str:
+        """Hash: model name -> JSON of its last announced info, never expires.
+
+        Lets the API tell a model nobody ever served (404) from a model whose
+        workers are all gone (503)."""
+        return f"{self.prefix}models"
+
+    # per-job state
+    def reply_channel(self, api_instance: str) -> str:
+        return f"{self.prefix}reply:{api_instance}"
+
+    def cancel_channel(self) -> str:
+        return f"{self.prefix}cancel"
+
+    def cancelled(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}:cancelled"
+
+    def claim(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}:claim"

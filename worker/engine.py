@@ -1,0 +1,251 @@
+"""The continuous-batching engine of one loaded model.
+
+transformers' ``ContinuousBatchingManager`` runs the batch in its own thread:
+jobs join between steps and leave when they finish or are cancelled. After
+each step it hands the outputs of every job that advanced to
+``deliver_batch``; ``_StepRouter`` passes that list to our pump thread, which
+detokenizes and publishes one event per job, the whole step in one Redis
+pipeline. Celery's worker threads only submit a job and wait for it to end.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import GenerationConfig
+from transformers.generation import ContinuousBatchingConfig
+from transformers.generation.continuous_batching.continuous_api import OutputRouter
+from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
+
+from broker.schemas import Delta, Done, Error, FinishReason, Job, Timings, Usage
+from worker.detok import IncrementalDetokenizer
+from worker.loading import LoadedModel
+from worker.publish import Publisher
+from worker.sampling import ENGINE_TEMPERATURE, ENGINE_TOP_P, install_greedy_temperature, request_kwargs
+
+log = logging.getLogger("llmq.worker.engine")
+
+PAGE_SIZE = 256
+THROUGHPUT_WINDOW_S = 10.0
+
+
+@dataclass(eq=False)
+class Run:
+    """One job inside the engine."""
+
+    job: Job
+    prompt_ids: list[int]
+    max_tokens: int
+    detok: IncrementalDetokenizer
+    queue_s: float
+    submitted: float = field(default_factory=time.monotonic)
+    seq: int = 1  # 0 was the Started event
+    tokens: int = 0
+    first_token_at: float | None = None
+    finish_reason: FinishReason | None = None
+    ended: threading.Event = field(default_factory=threading.Event)
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq - 1
+
+
+class _StepRouter(OutputRouter):
+    """Hands each engine step's outputs, as one list, to the pump thread."""
+
+    def __init__(self, steps: queue.Queue[list[GenerationOutput]]) -> None:
+        super().__init__()
+        self._steps = steps
+
+    def deliver_batch(self, outputs: list[GenerationOutput]) -> None:
+        self._steps.put(outputs)
+
+    def deliver(self, output: GenerationOutput) -> None:
+        self._steps.put([output])
+
+
+class Engine:
+    def __init__(self, lm: LoadedModel, publisher: Publisher, *, max_batch: int, kv_cache_tokens: int) -> None:
+        self.lm = lm
+        self._publisher = publisher
+        self._runs: dict[str, Run] = {}
+        self._lock = threading.Lock()
+        self._steps: queue.Queue[list[GenerationOutput]] = queue.Queue()
+        self._recent: deque[tuple[float, int]] = deque()
+        self._stopping = threading.Event()
+
+        gen_config = GenerationConfig(
+            do_sample=True,
+            temperature=ENGINE_TEMPERATURE,
+            top_p=ENGINE_TOP_P,
+            top_k=lm.vocab_size,
+            max_new_tokens=lm.context_length,
+            eos_token_id=lm.eos_token_ids,
+            pad_token_id=lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.eos_token_ids[0],
+        )
+        cb_config = ContinuousBatchingConfig(
+            per_request_processors=True,
+            max_requests_per_batch=max_batch,
+            page_size=PAGE_SIZE,
+            # Without a bound the cache takes most of the machine's memory on CPU.
+            num_blocks=max(max_batch, -(-kv_cache_tokens // PAGE_SIZE)),
+        )
+        self._manager = lm.model.init_continuous_batching(
+            generation_config=gen_config, continuous_batching_config=cb_config
+        )
+        install_greedy_temperature(self._manager)
+        self._manager.output_router = _StepRouter(self._steps)
+        self._pump = threading.Thread(target=self._pump_loop, name=f"llmq-pump-{lm.names[0]}", daemon=True)
+
+    def __repr__(self) -> str:
+        return f"Engine(model={self.lm.names[0]!r}, running={self.running})"
+
+    # ------------------------------------------------------------ control
+
+    def start(self) -> None:
+        self._manager.start()
+        self._pump.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._manager.stop(block=True, timeout=10)
+        with self._lock:
+            runs = list(self._runs.values())
+        for run in runs:
+            self._end(run, "cancelled")
+
+    @property
+    def running(self) -> int:
+        with self._lock:
+            return len(self._runs)
+
+    def tokens_per_s(self) -> float:
+        now = time.monotonic()
+        while self._recent and now - self._recent[0][0] > THROUGHPUT_WINDOW_S:
+            self._recent.popleft()
+        return sum(n for _, n in self._recent) / THROUGHPUT_WINDOW_S
+
+    def submit(self, run: Run) -> None:
+        with self._lock:
+            self._runs[run.job.job_id] = run
+        self._manager.add_request(
+            run.prompt_ids,
+            request_id=run.job.job_id,
+            max_new_tokens=run.max_tokens,
+            streaming=True,
+            **request_kwargs(run.job.sampling, self.lm.vocab_size),
+        )
+
+    def cancel(self, job_id: str) -> bool:
+        """Free the job's batch slot at the next step. True if it was running."""
+        with self._lock:
+            run = self._runs.get(job_id)
+        if run is None:
+            return False
+        self._manager.cancel_request(job_id)
+        # After cancel_request no final output arrives, so end the job here.
+        self._end(run, "cancelled")
+        log.info("job %s: cancelled after %d tokens", job_id, run.tokens)
+        return True
+
+    def _end(self, run: Run, reason: FinishReason) -> None:
+        with self._lock:
+            self._runs.pop(run.job.job_id, None)
+        if run.finish_reason is None:
+            run.finish_reason = reason
+        run.ended.set()
+
+    # --------------------------------------------------------------- pump
+
+    def _pump_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                outputs = self._steps.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            # Outputs of steps that arrived meanwhile go out in the same pipeline.
+            while True:
+                try:
+                    outputs.extend(self._steps.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._publish_step(outputs)
+            except Exception:  # a publish failure must not kill the pump
+                log.exception("publishing a step of %d outputs failed", len(outputs))
+
+    def _publish_step(self, outputs: list[GenerationOutput]) -> None:
+        now = time.monotonic()
+        batch: list[tuple[Run, Delta | Done | Error]] = []
+        finished: list[Run] = []
+        new_tokens = 0
+        with self._lock:
+            latest = {o.request_id: o for o in outputs}  # several steps may have piled up
+            pairs = [(self._runs.get(rid), o) for rid, o in latest.items()]
+        for run, out in pairs:
+            if run is None:  # cancelled; one chunk may still be in flight
+                continue
+            fresh = out.generated_tokens[run.tokens :]
+            new_tokens += len(fresh)
+            if fresh and run.first_token_at is None:
+                run.first_token_at = now
+            run.tokens = len(out.generated_tokens)
+            if out.status == RequestStatus.FAILED:
+                batch.append((run, self._error(run, out.error or "the engine failed this request")))
+                finished.append(run)
+                continue
+            text = run.detok.push(fresh)
+            done = out.status == RequestStatus.FINISHED
+            if done:
+                text += run.detok.flush()
+            if text:
+                batch.append((run, Delta(job_id=run.job.job_id, seq=run.next_seq(), text=text,
+                                         completion_tokens=run.tokens)))
+            if done:
+                run.finish_reason = self._finish_reason(run, out)
+                batch.append((run, self._done(run, now)))
+                finished.append(run)
+        self._recent.append((now, new_tokens))
+        if batch:
+            listeners = self._publisher.publish([(run.job.reply_channel, ev) for run, ev in batch])
+            gone = {run for (run, _), n in zip(batch, listeners) if n == 0}
+            for run in gone - set(finished):
+                # No API process listens on the reply channel: nobody will read this job.
+                log.warning("job %s: reply channel %s has no subscriber, cancelling", run.job.job_id,
+                            run.job.reply_channel)
+                self.cancel(run.job.job_id)
+        for run in finished:
+            self._end(run, run.finish_reason or "stop")
+
+    def _finish_reason(self, run: Run, out: GenerationOutput) -> FinishReason:
+        last = out.generated_tokens[-1] if out.generated_tokens else None
+        if last in self.lm.eos_token_ids:
+            return "stop"
+        return "length" if len(out.generated_tokens) >= run.max_tokens else "stop"
+
+    def _done(self, run: Run, now: float) -> Done:
+        first = None if run.first_token_at is None else run.first_token_at - run.submitted
+        return Done(
+            job_id=run.job.job_id,
+            seq=run.next_seq(),
+            finish_reason=run.finish_reason or "stop",
+            usage=Usage(prompt_tokens=len(run.prompt_ids), completion_tokens=run.tokens),
+            timings=Timings(queue_s=run.queue_s, first_token_s=first, total_s=now - run.submitted),
+        )
+
+    def _error(self, run: Run, message: str) -> Error:
+        log.error("job %s: engine error: %s", run.job.job_id, message)
+        return Error(job_id=run.job.job_id, seq=run.next_seq(), status=500, error_type="server_error",
+                     code="engine_error", message=f"The model failed while generating: {message}")
+
+
+def engine_kwargs(max_batch: int, kv_cache_tokens: int | None, context_length: int) -> dict[str, Any]:
+    """Default KV cache size: room for every batch slot at 2k tokens (or the
+    context, if shorter); enough for chat on CPU without taking all memory."""
+    return {"max_batch": max_batch, "kv_cache_tokens": kv_cache_tokens or max_batch * min(context_length, 2048)}

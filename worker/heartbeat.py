@@ -1,0 +1,49 @@
+"""The worker's heartbeat: the registry entry the API reads. A plain thread
+that announces every ``interval`` and withdraws on a clean stop."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import redis
+
+from broker.keys import Keys
+from broker.registry import announce, withdraw
+from broker.schemas import Heartbeat
+
+log = logging.getLogger("llmq.worker.heartbeat")
+
+
+class Heart:
+    def __init__(self, r: redis.Redis, keys: Keys, beat: Callable[[], Heartbeat], interval_s: float, ttl_ms: int) -> None:
+        self._redis = r
+        self._keys = keys
+        self._beat = beat
+        self._interval = interval_s
+        self._ttl_ms = ttl_ms
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="llmq-heart", daemon=True)
+        self._worker_id = ""
+
+    def start(self) -> None:
+        first = self._beat()
+        self._worker_id = first.worker_id
+        announce(self._redis, self._keys, first, self._ttl_ms)  # fail loudly if Redis is unreachable at start
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            withdraw(self._redis, self._keys, self._worker_id)
+        except redis.RedisError as exc:
+            log.warning("could not withdraw %s from the registry: %s", self._worker_id, exc)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                announce(self._redis, self._keys, self._beat(), self._ttl_ms)
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed (%s); retrying in %.1f s", exc, self._interval)

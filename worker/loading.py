@@ -1,0 +1,132 @@
+"""Loading a served model: a local directory, a Hugging Face id (from the
+local cache when offline) or a ``.gguf`` file, with its tokenizer and chat
+template. Every failure becomes a ``ModelLoadError`` with one readable line."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger("llmq.worker.loading")
+
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+
+
+class ModelLoadError(Exception):
+    """A model could not be loaded; the message is meant for the operator."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    path: str
+    names: tuple[str, ...] = ()
+    revision: str | None = None
+    dtype: DType = "auto"
+    device: str = "auto"
+    chat_template: str | None = None
+    context_length: int | None = None
+    trust_remote_code: bool = False
+
+    def served_names(self) -> tuple[str, ...]:
+        if self.names:
+            return self.names
+        base = Path(self.path).name if os.path.exists(self.path) else self.path.split("/")[-1]
+        return (base.removesuffix(".gguf").lower(),)
+
+
+@dataclass(kw_only=True)
+class LoadedModel:
+    spec: ModelSpec
+    model: Any
+    tokenizer: Any
+    context_length: int
+    device: str
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.spec.served_names()
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.get_text_config().vocab_size)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device} asked for, but torch sees no CUDA device")
+    return device
+
+
+def resolve_dtype(dtype: DType, device: str) -> Any:
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype)
+
+
+def _source(spec: ModelSpec) -> tuple[str, dict[str, Any]]:
+    """Where from_pretrained reads, and the extra kwargs that says so."""
+    path = Path(spec.path)
+    if spec.path.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"--model-path {spec.path}: no such GGUF file")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists() and not (path / "config.json").is_file():
+        raise ModelLoadError(f"--model-path {spec.path}: a directory with no config.json is not a model")
+    kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
+    if spec.revision:
+        kwargs["revision"] = spec.revision
+    return spec.path, kwargs
+
+
+def load(spec: ModelSpec) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(spec.device)
+    source, kwargs = _source(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(spec.dtype, device), **kwargs)
+    except OSError as exc:  # missing files, not in the local cache, no network
+        raise ModelLoadError(f"--model-path {spec.path}: {str(exc).splitlines()[0]}") from exc
+    except ValueError as exc:  # unknown architecture, bad dtype...
+        raise ModelLoadError(f"--model-path {spec.path}: {str(exc).splitlines()[0]}") from exc
+    model.to(device).eval()
+
+    if spec.chat_template:
+        template = Path(spec.chat_template)
+        if not template.is_file():
+            raise ModelLoadError(f"--chat-template {spec.chat_template}: no such file")
+        tokenizer.chat_template = template.read_text()
+    if not tokenizer.chat_template:
+        raise ModelLoadError(
+            f"--model-path {spec.path}: the tokenizer has no chat template; pass --chat-template FILE"
+        )
+
+    context = spec.context_length or _model_context(model)
+    eos = model.generation_config.eos_token_id if model.generation_config else None
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+        eos_ids.append(tokenizer.eos_token_id)
+    log.info("loaded %s as %s on %s (%s, context %d)", spec.path, ",".join(spec.served_names()), device,
+             model.dtype, context)
+    return LoadedModel(spec=spec, model=model, tokenizer=tokenizer, context_length=context, device=device,
+                       eos_token_ids=eos_ids)
+
+
+def _model_context(model: Any) -> int:
+    cfg = model.config.get_text_config()
+    for attr in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048

@@ -1,0 +1,35 @@
+"""Prompt token ids for a job: the tokenizer's own chat template for chat
+jobs, plain encoding (or the ids as given) for completions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from broker.schemas import Job
+
+
+class PromptError(Exception):
+    """The prompt cannot be built (bad template, token ids out of range)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def prompt_ids(tokenizer: Any, job: Job, vocab_size: int) -> list[int]:
+    if job.kind == "chat":
+        assert job.messages is not None
+        try:
+            out = tokenizer.apply_chat_template(
+                [m.model_dump() for m in job.messages], add_generation_prompt=True, tokenize=True
+            )
+        except Exception as exc:  # jinja raises TemplateError and plain exceptions alike
+            raise PromptError(f"The model's chat template rejected these messages: {exc}", "messages") from exc
+        ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
+        return [int(i) for i in ids]
+    if isinstance(job.prompt, list):
+        bad = [i for i in job.prompt if not 0 <= i < vocab_size]
+        if bad:
+            raise PromptError(f"Token id {bad[0]} is outside this model's vocabulary (0..{vocab_size - 1}).", "prompt")
+        return list(job.prompt)
+    return [int(i) for i in tokenizer.encode(job.prompt or "", add_special_tokens=True)]

@@ -1,0 +1,164 @@
+"""Everything a worker process runs besides Celery itself: the loaded models
+and their engines, the heartbeat, the cancel listener, and ``run(job)``, the
+body of the Celery task."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import redis
+
+from broker import __version__
+from broker.control import claim, is_cancelled
+from broker.keys import Keys, queue_name
+from broker.schemas import Error, Heartbeat, Job, ModelInfo, Started
+from broker.settings import Settings
+from worker.detok import IncrementalDetokenizer
+from worker.engine import Engine, Run, engine_kwargs
+from worker.heartbeat import Heart
+from worker.loading import LoadedModel
+from worker.prompts import PromptError, prompt_ids
+from worker.publish import Publisher
+
+log = logging.getLogger("llmq.worker")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineOptions:
+    max_batch_size: int = 16
+    kv_cache_tokens: int | None = None
+
+
+class Runtime:
+    def __init__(self, settings: Settings, models: list[LoadedModel], options: EngineOptions, worker_id: str) -> None:
+        self.settings = settings
+        self.worker_id = worker_id
+        self.keys = Keys(settings.key_prefix)
+        self.redis = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+        self.publisher = Publisher(self.redis)
+        self.options = options
+        self.engines: dict[str, Engine] = {}
+        for lm in models:
+            engine = Engine(lm, self.publisher, **engine_kwargs(options.max_batch_size, options.kv_cache_tokens,
+                                                                 lm.context_length))
+            for name in lm.names:
+                self.engines[name] = engine
+        self.started_at = time.time()
+        self.heart = Heart(self.redis, self.keys, self.heartbeat, settings.heartbeat_interval_s,
+                           settings.heartbeat_ttl_ms())
+        self._cancel_thread = threading.Thread(target=self._listen_cancels, name="llmq-cancels", daemon=True)
+        self._stopping = threading.Event()
+
+    def queues(self) -> list[str]:
+        return [queue_name(name) for name in self.engines]
+
+    def _unique_engines(self) -> list[Engine]:
+        return list({id(e): e for e in self.engines.values()}.values())
+
+    def start(self) -> None:
+        for engine in self._unique_engines():
+            engine.start()
+        self._cancel_thread.start()
+        self.heart.start()
+        log.info("worker %s serving %s", self.worker_id, ", ".join(self.engines))
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.heart.stop()
+        for engine in self._unique_engines():
+            engine.stop()
+
+    def heartbeat(self) -> Heartbeat:
+        engines = self._unique_engines()
+        return Heartbeat(
+            worker_id=self.worker_id,
+            models=[
+                ModelInfo(name=name, queue=queue_name(name), context_length=e.lm.context_length, kind="chat")
+                for name, e in self.engines.items()
+            ],
+            device=",".join(sorted({e.lm.device for e in engines})),
+            capacity=self.options.max_batch_size,
+            running=sum(e.running for e in engines),
+            tokens_per_s=round(sum(e.tokens_per_s() for e in engines), 2),
+            version=__version__,
+            started_at=self.started_at,
+            beat_at=time.time(),
+        )
+
+    # ---------------------------------------------------------- the task
+
+    def run(self, job: Job) -> dict[str, object]:
+        """Run one job to its end; the return value is what Flower shows."""
+        jid = job.job_id
+        if is_cancelled(self.redis, self.keys, jid):
+            log.info("job %s: cancelled while queued, skipped", jid)
+            return {"job_id": jid, "status": "cancelled_in_queue"}
+        if not claim(self.redis, self.keys, jid, self.worker_id, self.settings.claim_ttl_s):
+            log.warning("job %s: delivered again but already claimed, skipped", jid)
+            return {"job_id": jid, "status": "duplicate"}
+        engine = self.engines.get(job.model)
+        if engine is None:
+            return self._fail(job, 404, "model_not_found", "model", f"This worker does not serve '{job.model}'.")
+        lm = engine.lm
+        try:
+            ids = prompt_ids(lm.tokenizer, job, lm.vocab_size)
+        except PromptError as exc:
+            return self._fail(job, 400, "invalid_prompt", exc.param, str(exc))
+        room = lm.context_length - len(ids)
+        if room <= 0:
+            return self._fail(
+                job, 400, "context_length_exceeded", "messages" if job.kind == "chat" else "prompt",
+                f"This model's maximum context length is {lm.context_length} tokens, "
+                f"but the prompt has {len(ids)} tokens.",
+            )
+        wanted = job.sampling.max_tokens
+        if wanted is not None and wanted > room:
+            return self._fail(
+                job, 400, "context_length_exceeded", "max_tokens",
+                f"This model's maximum context length is {lm.context_length} tokens; the prompt has {len(ids)} "
+                f"and max_tokens asks for {wanted}, {len(ids) + wanted} in all.",
+            )
+        queue_s = max(0.0, time.time() - job.submitted_at)
+        run = Run(job=job, prompt_ids=ids, max_tokens=wanted or room, queue_s=queue_s,
+                  detok=IncrementalDetokenizer(lm.tokenizer, ids))
+        started = Started(job_id=jid, seq=0, worker=self.worker_id, prompt_tokens=len(ids), queue_s=queue_s)
+        # Published (and so ordered) before the engine can emit any delta.
+        if self.publisher.publish([(job.reply_channel, started)]) == [0]:
+            log.warning("job %s: no API listens on %s, dropped", jid, job.reply_channel)
+            return {"job_id": jid, "status": "no_listener"}
+        engine.submit(run)
+        if is_cancelled(self.redis, self.keys, jid):  # a cancel that raced the submit
+            engine.cancel(jid)
+        run.ended.wait()
+        log.info("job %s: %s, %d prompt + %d completion tokens, queue %.3fs, total %.3fs", jid, run.finish_reason,
+                 len(ids), run.tokens, queue_s, time.monotonic() - run.submitted)
+        return {"job_id": jid, "status": run.finish_reason, "prompt_tokens": len(ids), "completion_tokens": run.tokens}
+
+    def _fail(self, job: Job, status: int, code: str, param: str | None, message: str) -> dict[str, object]:
+        log.info("job %s: refused (%s): %s", job.job_id, code, message)
+        error_type = "invalid_request_error" if status < 500 else "server_error"
+        ev = Error(job_id=job.job_id, seq=0, status=status, error_type=error_type, code=code, param=param,
+                   message=message)
+        self.publisher.publish([(job.reply_channel, ev)])
+        return {"job_id": job.job_id, "status": code}
+
+    # ------------------------------------------------------- cancellation
+
+    def _listen_cancels(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self.keys.cancel_channel())
+                while not self._stopping.is_set():
+                    msg = pubsub.get_message(timeout=1.0)
+                    if msg is None:
+                        continue
+                    job_id = msg["data"].decode()
+                    for engine in self._unique_engines():
+                        engine.cancel(job_id)
+            except redis.RedisError as exc:
+                log.warning("cancel listener lost Redis (%s); reconnecting", exc)
+                time.sleep(1.0)
