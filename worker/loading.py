@@ -80,6 +80,8 @@ def _source(spec: ModelSpec) -> tuple[str, dict[str, Any]]:
         if not path.is_file():
             raise ModelLoadError(f"--model-path {spec.path}: no such GGUF file")
         return str(path.parent), {"gguf_file": path.name}
+    if spec.path.startswith(("/", "./", "../", "~")) and not path.exists():
+        raise ModelLoadError(f"--model-path {spec.path}: no such directory")
     if path.exists() and not (path / "config.json").is_file():
         raise ModelLoadError(f"--model-path {spec.path}: a directory with no config.json is not a model")
     kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
