@@ -53,6 +53,10 @@ def _wait_model(api_port: int, model: str, proc: subprocess.Popen[bytes], timeou
     raise RuntimeError(f"no worker registered {model} within {timeout_s:.0f} s")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_stack(*, api_port: int, flower_port: int, redis_port: int) -> int:
     logs = VAR / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -79,7 +83,10 @@ def run_stack(*, api_port: int, flower_port: int, redis_port: int) -> int:
                 proc.kill()
         procs.clear()
 
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Ctrl-C and SIGTERM both stop the stack; SIGINT is set explicitly because
+    # a shell that starts us in the background leaves it ignored.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", redis_port)) == 0:
@@ -103,7 +110,7 @@ def run_stack(*, api_port: int, flower_port: int, redis_port: int) -> int:
   logs                     {logs}/
 Try:  curl http://127.0.0.1:{api_port}/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{{"model": "{DEMO_MODEL_NAME}", "messages": [{{"role": "user", "content": "Hi!"}}]}}'
-Ctrl-C stops everything.""")
+Ctrl-C stops everything.""", soft_wrap=True)
         while True:
             for name, proc in procs:
                 if proc.poll() is not None:
