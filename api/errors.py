@@ -75,6 +75,10 @@ def unsupported(param: str, why: str = "") -> APIError:
     return APIError(400, f"'{param}' is not supported by this server.{detail}", code="unsupported_parameter", param=param)
 
 
+def invalid(param: str, message: str) -> APIError:
+    return APIError(400, message, param=param, code="invalid_value")
+
+
 def _param_from_loc(loc: tuple[int | str, ...]) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path")]
     # pydantic puts the union member's type name in the path ("str", "list[...]"):

@@ -40,14 +40,19 @@ class RunningJob:
     _queue: asyncio.Queue[AnyEvent]
     _jobs: "Jobs"
     finished: bool = False
+    failed: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+    _open_choices: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self._open_choices = set(range(self.job.n))
 
     @property
     def job_id(self) -> str:
         return self.job.job_id
 
     async def events(self, tick_s: float | None = None) -> AsyncIterator[Delta | Done | Error | None]:
-        """Deltas until Done or Error; with ``tick_s``, also None after each
+        """Deltas and each choice's Done until all are done or an Error; with ``tick_s``, also None after each
         ``tick_s`` without an event, so the caller can look at its client.
         A worker silent for ``event_timeout_s`` ends the job with an Error,
         so no client ever hangs."""
@@ -59,14 +64,18 @@ class RunningJob:
                 if time.monotonic() - silent_since < limit:
                     yield None
                     continue
-                self.finished = True
+                self.finished = self.failed = True
                 yield Error(
                     job_id=self.job_id, seq=0, status=504, error_type="server_error", code="worker_timeout",
                     message=f"The worker sent nothing for {limit:.0f} s; the job was abandoned.",
                 )
                 return
             silent_since = time.monotonic()
-            if isinstance(ev, Done | Error):
+            if isinstance(ev, Done):
+                self._open_choices.discard(ev.index)
+            if isinstance(ev, Error):
+                self.failed = True
+            if isinstance(ev, Error) or not self._open_choices:
                 self.finished = True
             if isinstance(ev, Delta | Done | Error):
                 yield ev
@@ -95,6 +104,9 @@ class Jobs:
         model: str,
         kind: str,
         sampling: Sampling,
+        n: int = 1,
+        stop: list[str] | None = None,
+        echo: bool = False,
         messages: list[Message] | None = None,
         prompt: str | list[int] | None = None,
         id_prefix: str,
@@ -117,6 +129,9 @@ class Jobs:
             messages=messages,
             prompt=prompt,
             sampling=sampling,
+            n=n,
+            stop=stop or [],
+            echo=echo,
             reply_channel=self._router.channel,
             submitted_at=time.time(),
         )

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from api.errors import unsupported
+from api.errors import invalid, unsupported
 from broker.schemas import Message, Sampling
 
 
@@ -42,15 +42,8 @@ class ChatMessageIn(Request):
         return Message(role=role, content=text)
 
 
-# Fields OpenAI defines and llmq refuses for now, with the value that means "off".
-_NOT_YET: dict[str, object] = {
-    "stop": None,
-    "seed": None,
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-    "logit_bias": None,
-    "logprobs": None,
-    "top_logprobs": None,
+# Fields OpenAI defines and llmq refuses, with the value that means "off".
+_REFUSED: dict[str, object] = {
     "tools": None,
     "tool_choice": None,
     "functions": None,
@@ -58,8 +51,9 @@ _NOT_YET: dict[str, object] = {
     "response_format": None,
     "suffix": None,
     "best_of": None,
-    "echo": False,
 }
+MAX_STOP_STRINGS = 4
+MAX_CHOICES = 16
 
 
 class _Generation(Request):
@@ -69,30 +63,45 @@ class _Generation(Request):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1, description="extension; -1 or 0: off")
-    n: int = Field(default=1, ge=1, le=1, description="several choices are not supported yet")
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     user: str | None = None
-    # Declared only so that setting them gets a clear "not supported".
     stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
 
     @model_validator(mode="after")
-    def _refuse_unsupported(self) -> "_Generation":
-        for name, off in _NOT_YET.items():
+    def _check(self) -> "_Generation":
+        for name, off in _REFUSED.items():
             if name in self.model_fields_set and getattr(self, name, off) not in (off, None):
-                raise unsupported(name, "The engine cannot honour it yet, so it is refused rather than ignored.")
+                raise unsupported(name, "The engine cannot honour it, so it is refused rather than ignored.")
         if self.stream_options is not None and not self.stream:
-            raise unsupported("stream_options", "It is only allowed when 'stream' is true.")
+            raise invalid("stream_options", "'stream_options' is only allowed when 'stream' is true.")
+        stops = self.stop_list()
+        if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
+            raise invalid("stop", f"'stop' takes at most {MAX_STOP_STRINGS} non-empty strings.")
+        for key, value in (self.logit_bias or {}).items():
+            if not key.isdigit():
+                raise invalid("logit_bias", f"'logit_bias' keys are token ids; {key!r} is not one.")
+            if not -100 <= value <= 100:
+                raise invalid("logit_bias", f"'logit_bias' values lie in [-100, 100]; got {value}.")
         return self
 
-    def sampling(self, max_tokens: int | None) -> Sampling:
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def sampling(self, max_tokens: int | None, logprobs: int | None) -> Sampling:
         return Sampling(
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=-1 if self.top_k is None else self.top_k,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+            seed=self.seed,
+            logprobs=logprobs,
         )
 
     @property
@@ -105,7 +114,6 @@ class ChatCompletionRequest(_Generation):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     functions: list[dict[str, Any]] | None = None
@@ -113,14 +121,25 @@ class ChatCompletionRequest(_Generation):
     response_format: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
 
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _check_logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise invalid("top_logprobs", "'top_logprobs' needs 'logprobs': true.")
+        return self
+
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Generation):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1)
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -147,15 +166,37 @@ class UsageInfo(BaseModel):
     total_tokens: int
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+    refusal: None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
 
 
 class ChatChoice(BaseModel):
-    index: int = 0
+    index: int
     message: ChatMessageOut
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str
 
 
@@ -168,15 +209,10 @@ class ChatCompletion(BaseModel):
     usage: UsageInfo
 
 
-class ChatDelta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
 class ChatChunkChoice(BaseModel):
-    index: int = 0
+    index: int
     delta: dict[str, str]
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -190,9 +226,9 @@ class ChatCompletionChunk(BaseModel):
 
 
 class CompletionChoice(BaseModel):
-    index: int = 0
+    index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 

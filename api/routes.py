@@ -50,7 +50,9 @@ async def chat_completions(body: ChatCompletionRequest, jobs: JobsDep, request: 
         model=body.model,
         kind="chat",
         messages=[m.to_message() for m in body.messages],
-        sampling=body.sampling(body.max_new_tokens()),
+        sampling=body.sampling(body.max_new_tokens(), body.logprobs_wanted()),
+        n=body.n,
+        stop=body.stop_list(),
         id_prefix="chatcmpl",
     )
     return await _answer(run, ChatShape(), body.stream, body.include_usage, request)
@@ -62,7 +64,10 @@ async def completions(body: CompletionRequest, jobs: JobsDep, request: Request) 
         model=body.model,
         kind="completion",
         prompt=body.single_prompt(),
-        sampling=body.sampling(body.max_tokens),
+        sampling=body.sampling(body.max_tokens, body.logprobs),
+        n=body.n,
+        stop=body.stop_list(),
+        echo=body.echo,
         id_prefix="cmpl",
     )
     return await _answer(run, CompletionShape(), body.stream, body.include_usage, request)

@@ -1,8 +1,10 @@
 """Turning a running job into OpenAI responses: one JSON body, or SSE chunks
-(``data: {json}``, the role first, usage last when asked, then ``[DONE]``).
+(``data: {json}``, each choice's role first, usage last when asked, then
+``[DONE]``).
 
-Chat and text completions differ only in the shape of a chunk, so each has a
-small ``Shape`` and the stream and collect loops are shared.
+Chat and text completions differ only in the shape of their chunks and
+logprobs, so each has a small ``Shape`` and the stream and collect loops are
+shared.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from starlette.requests import Request
@@ -21,81 +24,125 @@ from api.protocol import (
     ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
-    ChatDelta,
+    ChatLogprobs,
     ChatMessageOut,
+    ChatTokenLogprob,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
+    TopLogprob,
     UsageInfo,
 )
-from broker.schemas import Delta, Done, Error
+from broker.schemas import Delta, Done, Error, TokenLogprob
 
 DISCONNECT_POLL_S = 1.0
 
 
-def usage_of(done: Done) -> UsageInfo:
-    u = done.usage
-    return UsageInfo(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens)
+@dataclass
+class ChoiceResult:
+    """A choice collected for a non-streamed answer."""
+
+    index: int
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str = "stop"
+
+
+def usage_info(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
 
 
 class Shape(Protocol):
-    def first(self, run: RunningJob) -> dict[str, Any] | None: ...
-    def delta(self, run: RunningJob, text: str) -> dict[str, Any]: ...
-    def final(self, run: RunningJob, finish_reason: str) -> dict[str, Any]: ...
+    def first(self, run: RunningJob, index: int) -> dict[str, Any] | None: ...
+    def delta(self, run: RunningJob, ev: Delta) -> dict[str, Any]: ...
+    def final(self, run: RunningJob, done: Done) -> dict[str, Any]: ...
     def usage(self, run: RunningJob, usage: UsageInfo) -> dict[str, Any]: ...
-    def body(self, run: RunningJob, text: str, done: Done) -> dict[str, Any]: ...
+    def body(self, run: RunningJob, choices: list[ChoiceResult], usage: UsageInfo) -> dict[str, Any]: ...
+
+
+def _bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
 
 
 class ChatShape:
-    def _chunk(self, run: RunningJob, delta: ChatDelta, finish: str | None = None) -> dict[str, Any]:
+    @staticmethod
+    def logprobs(items: list[TokenLogprob]) -> ChatLogprobs:
+        return ChatLogprobs(content=[
+            ChatTokenLogprob(token=t.token, logprob=t.logprob, bytes=_bytes(t.token),
+                             top_logprobs=[TopLogprob(token=s, logprob=lp, bytes=_bytes(s)) for s, lp in t.top])
+            for t in items
+        ])
+
+    def _chunk(self, run: RunningJob, choice: ChatChunkChoice) -> dict[str, Any]:
+        return ChatCompletionChunk(id=run.job_id, created=run.created, model=run.job.model,
+                                   choices=[choice]).model_dump()
+
+    def first(self, run: RunningJob, index: int) -> dict[str, Any]:
+        return self._chunk(run, ChatChunkChoice(index=index, delta={"role": "assistant", "content": ""}))
+
+    def delta(self, run: RunningJob, ev: Delta) -> dict[str, Any]:
         # OpenAI omits unset delta fields: the role only in the first chunk.
-        choice = ChatChunkChoice(delta=delta.model_dump(exclude_none=True), finish_reason=finish)
-        return ChatCompletionChunk(id=run.job_id, created=run.created, model=run.job.model, choices=[choice]).model_dump()
+        lp = self.logprobs(ev.logprobs) if ev.logprobs is not None else None
+        return self._chunk(run, ChatChunkChoice(index=ev.index, delta={"content": ev.text}, logprobs=lp))
 
-    def first(self, run: RunningJob) -> dict[str, Any]:
-        return self._chunk(run, ChatDelta(role="assistant", content=""))
-
-    def delta(self, run: RunningJob, text: str) -> dict[str, Any]:
-        return self._chunk(run, ChatDelta(content=text))
-
-    def final(self, run: RunningJob, finish_reason: str) -> dict[str, Any]:
-        return self._chunk(run, ChatDelta(), finish_reason)
+    def final(self, run: RunningJob, done: Done) -> dict[str, Any]:
+        return self._chunk(run, ChatChunkChoice(index=done.index, delta={}, finish_reason=done.finish_reason))
 
     def usage(self, run: RunningJob, usage: UsageInfo) -> dict[str, Any]:
-        return ChatCompletionChunk(
-            id=run.job_id, created=run.created, model=run.job.model, choices=[], usage=usage
-        ).model_dump()
+        return ChatCompletionChunk(id=run.job_id, created=run.created, model=run.job.model, choices=[],
+                                   usage=usage).model_dump()
 
-    def body(self, run: RunningJob, text: str, done: Done) -> dict[str, Any]:
-        choice = ChatChoice(message=ChatMessageOut(content=text), finish_reason=done.finish_reason)
+    def body(self, run: RunningJob, choices: list[ChoiceResult], usage: UsageInfo) -> dict[str, Any]:
+        wants = run.job.sampling.logprobs is not None
         return ChatCompletion(
-            id=run.job_id, created=run.created, model=run.job.model, choices=[choice], usage=usage_of(done)
+            id=run.job_id, created=run.created, model=run.job.model, usage=usage,
+            choices=[ChatChoice(index=c.index, message=ChatMessageOut(content=c.text), finish_reason=c.finish_reason,
+                                logprobs=self.logprobs(c.logprobs) if wants else None) for c in choices],
         ).model_dump()
 
 
 class CompletionShape:
-    def _chunk(self, run: RunningJob, text: str, finish: str | None = None) -> dict[str, Any]:
-        choice = CompletionChoice(text=text, finish_reason=finish)
+    @staticmethod
+    def logprobs(items: list[TokenLogprob], offset: int) -> CompletionLogprobs:
+        offsets = []
+        for t in items:
+            offsets.append(offset)
+            offset += len(t.token)
+        return CompletionLogprobs(
+            tokens=[t.token for t in items], token_logprobs=[t.logprob for t in items],
+            top_logprobs=[dict(t.top) for t in items], text_offset=offsets,
+        )
+
+    def _chunk(self, run: RunningJob, choice: CompletionChoice) -> dict[str, Any]:
         return Completion(id=run.job_id, created=run.created, model=run.job.model, choices=[choice]).model_dump(
             exclude={"usage"}
         )
 
-    def first(self, run: RunningJob) -> None:
+    def first(self, run: RunningJob, index: int) -> None:
         return None
 
-    def delta(self, run: RunningJob, text: str) -> dict[str, Any]:
-        return self._chunk(run, text)
+    def delta(self, run: RunningJob, ev: Delta) -> dict[str, Any]:
+        lp = self.logprobs(ev.logprobs, 0) if ev.logprobs is not None else None
+        return self._chunk(run, CompletionChoice(index=ev.index, text=ev.text, logprobs=lp))
 
-    def final(self, run: RunningJob, finish_reason: str) -> dict[str, Any]:
-        return self._chunk(run, "", finish_reason)
+    def final(self, run: RunningJob, done: Done) -> dict[str, Any]:
+        return self._chunk(run, CompletionChoice(index=done.index, text="", finish_reason=done.finish_reason))
 
     def usage(self, run: RunningJob, usage: UsageInfo) -> dict[str, Any]:
-        return Completion(id=run.job_id, created=run.created, model=run.job.model, choices=[], usage=usage).model_dump()
+        return Completion(id=run.job_id, created=run.created, model=run.job.model, choices=[],
+                          usage=usage).model_dump()
 
-    def body(self, run: RunningJob, text: str, done: Done) -> dict[str, Any]:
-        return Completion(
-            id=run.job_id, created=run.created, model=run.job.model,
-            choices=[CompletionChoice(text=text, finish_reason=done.finish_reason)], usage=usage_of(done),
-        ).model_dump()
+    def body(self, run: RunningJob, choices: list[ChoiceResult], usage: UsageInfo) -> dict[str, Any]:
+        wants = run.job.sampling.logprobs is not None
+        out = []
+        for c in choices:
+            # With echo the prompt text comes first; logprobs cover the completion after it.
+            start = len(c.text) - sum(len(t.token) for t in c.logprobs)
+            out.append(CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason,
+                                        logprobs=self.logprobs(c.logprobs, start) if wants else None))
+        return Completion(id=run.job_id, created=run.created, model=run.job.model, choices=out,
+                          usage=usage).model_dump()
 
 
 def _sse(payload: dict[str, Any] | str) -> dict[str, str]:
@@ -105,23 +152,24 @@ def _sse(payload: dict[str, Any] | str) -> dict[str, str]:
 async def stream(run: RunningJob, shape: Shape, include_usage: bool) -> AsyncIterator[dict[str, str]]:
     """SSE events for one job. The ``finally`` cancels the job when the
     client leaves (Starlette cancels this generator then)."""
+    completion_tokens = 0
     try:
-        first = shape.first(run)
-        if first is not None:
-            yield _sse(first)
+        for index in range(run.job.n):
+            first = shape.first(run, index)
+            if first is not None:
+                yield _sse(first)
         async for ev in run.events():
-            if ev is None:
-                continue
             if isinstance(ev, Delta):
-                if ev.text:
-                    yield _sse(shape.delta(run, ev.text))
+                if ev.text or ev.logprobs:
+                    yield _sse(shape.delta(run, ev))
             elif isinstance(ev, Done):
-                yield _sse(shape.final(run, ev.finish_reason))
-                if include_usage:
-                    yield _sse(shape.usage(run, usage_of(ev)))
+                completion_tokens += ev.usage.completion_tokens
+                yield _sse(shape.final(run, ev))
             elif isinstance(ev, Error):
                 # Mid-stream errors keep OpenAI's error shape; the SDK raises on them.
                 yield _sse(error_from_event(ev).body())
+        if include_usage and run.finished and not run.failed:
+            yield _sse(shape.usage(run, usage_info(run.started.prompt_tokens, completion_tokens)))
         yield _sse("[DONE]")
     finally:
         await asyncio.shield(run.close())
@@ -130,18 +178,21 @@ async def stream(run: RunningJob, shape: Shape, include_usage: bool) -> AsyncIte
 async def collect(run: RunningJob, shape: Shape, request: Request) -> dict[str, Any]:
     """The whole answer as one body. Looks for a client that hung up between
     events, since a non-streaming route is not cancelled when its client leaves."""
-    parts: list[str] = []
+    choices = [ChoiceResult(index=i) for i in range(run.job.n)]
+    completion_tokens = 0
     try:
         async for ev in run.events(tick_s=DISCONNECT_POLL_S):
             if ev is None:
                 if await request.is_disconnected():
                     raise APIError(499, "Client closed the request.", code="client_closed")
             elif isinstance(ev, Delta):
-                parts.append(ev.text)
+                choices[ev.index].text += ev.text
+                choices[ev.index].logprobs += ev.logprobs or []
             elif isinstance(ev, Done):
-                return shape.body(run, "".join(parts), ev)
+                choices[ev.index].finish_reason = ev.finish_reason
+                completion_tokens += ev.usage.completion_tokens
             elif isinstance(ev, Error):
                 raise error_from_event(ev)
-        raise APIError(500, "The job ended without a final event.", type="server_error")
+        return shape.body(run, choices, usage_info(run.started.prompt_tokens, completion_tokens))
     finally:
         await asyncio.shield(run.close())

@@ -28,12 +28,18 @@ class Message(Strict):
 
 
 class Sampling(Strict):
-    """Sampling options the engine honours. The API refuses everything else."""
+    """How each choice of a job picks its tokens (worker/sampler.py)."""
 
     max_tokens: int | None = Field(default=None, ge=1, description="None: up to the context length")
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0: greedy")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=-1, description="-1 or 0: off")
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] | None = None
+    seed: int | None = Field(default=None, description="choice i samples with seed + i")
+    logprobs: int | None = Field(default=None, ge=0, le=20,
+                                 description="None: no logprobs; k: the chosen token's and the top k")
 
 
 class Job(Strict):
@@ -44,6 +50,9 @@ class Job(Strict):
     messages: list[Message] | None = None
     prompt: str | list[int] | None = None
     sampling: Sampling = Sampling()
+    n: int = Field(default=1, ge=1, description="independent choices")
+    stop: list[str] = Field(default_factory=list, description="never emitted; generation ends before them")
+    echo: bool = Field(default=False, description="completions: the prompt text comes first")
     reply_channel: str
     submitted_at: float = Field(description="epoch seconds when the API enqueued the job")
 
@@ -59,7 +68,8 @@ class Job(Strict):
             "model": self.model,
             "kind": self.kind,
             "prompt_chars_or_tokens": size,
-            **self.sampling.model_dump(),
+            "n": self.n,
+            **self.sampling.model_dump(exclude={"logit_bias"}),
         }
 
 
@@ -79,10 +89,18 @@ class Started(_Event):
     queue_s: float
 
 
+class TokenLogprob(Strict):
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = Field(default_factory=list)
+
+
 class Delta(_Event):
     type: Literal["delta"] = "delta"
+    index: int = Field(default=0, description="which choice")
     text: str
-    completion_tokens: int = Field(description="tokens generated so far")
+    completion_tokens: int = Field(description="tokens of this choice generated so far")
+    logprobs: list[TokenLogprob] | None = None
 
 
 class Usage(Strict):
@@ -101,7 +119,10 @@ class Timings(Strict):
 
 
 class Done(_Event):
+    """The end of one choice; a job ends when all its choices are done."""
+
     type: Literal["done"] = "done"
+    index: int = 0
     finish_reason: FinishReason
     usage: Usage
     timings: Timings

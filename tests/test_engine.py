@@ -47,7 +47,7 @@ def make_run(engine: Engine, i: int, max_tokens: int) -> Run:
               messages=[Message(role="user", content=f"Count from {i} to {i + 20}.")],
               sampling=Sampling(temperature=0, max_tokens=max_tokens))
     ids = prompt_ids(engine.lm.tokenizer, job, engine.lm.vocab_size)
-    return Run(job=job, prompt_ids=ids, max_tokens=max_tokens, queue_s=0.0,
+    return Run(job=job, index=0, prompt_ids=ids, max_tokens=max_tokens, queue_s=0.0,
                detok=IncrementalDetokenizer(engine.lm.tokenizer, ids))
 
 

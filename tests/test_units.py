@@ -15,7 +15,9 @@ from tests.procs import DEMO_MODEL_DIR
 from worker.bootstep import specs_from_options
 from worker.detok import IncrementalDetokenizer
 from worker.loading import ModelLoadError, ModelSpec, load
-from worker.sampling import GreedyAwareTemperature
+from broker.schemas import Sampling
+from worker.sampler import Sampler
+from worker.stops import StopStrings
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +58,74 @@ def test_detokenizer_decodes_a_window_not_the_whole_text(tokenizer) -> None:  # 
     assert max(calls) <= 12, max(calls)
 
 
-def test_temperature_zero_rows_become_one_hot_and_others_scale() -> None:
-    proc = GreedyAwareTemperature.__new__(GreedyAwareTemperature)
-    scores = torch.tensor([[1.0, 3.0, 2.0], [1.0, 3.0, 2.0]])
-    temps = torch.tensor([0.0, 2.0], dtype=torch.float32).view(torch.int32)
-    out = proc(scores, temps)
-    assert torch.isinf(out[0, 0]) and out[0, 1] == 0 and torch.isinf(out[0, 2])
-    assert torch.allclose(out[1], torch.tensor([0.5, 1.5, 1.0]))
+def _rows(sampler: Sampler, scores: torch.Tensor, sids: list[int]) -> torch.Tensor:
+    return sampler(scores, torch.tensor(sids, dtype=torch.int32))
+
+
+def test_sampler_returns_one_hot_rows_and_is_greedy_at_temperature_zero() -> None:
+    sampler = Sampler(vocab_size=5)
+    greedy, _ = sampler.open(Sampling(temperature=0), seed=None)
+    hot, _ = sampler.open(Sampling(temperature=1.0), seed=3)
+    scores = torch.tensor([[1.0, 3.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 9.0]])
+    out = _rows(sampler, scores, [greedy, hot])
+    assert out[0].tolist() == [float("-inf"), 0.0, float("-inf"), float("-inf"), float("-inf")]
+    assert (out[1] == 0).sum() == 1  # exactly one token allowed per row
+
+
+def test_sampler_seed_reproduces_and_penalties_and_bias_apply() -> None:
+    scores = torch.zeros(1, 50)
+
+    def draw(seed: int) -> list[int]:
+        sampler = Sampler(vocab_size=50)
+        sid, _ = sampler.open(Sampling(temperature=1.0), seed=seed)
+        return [int(_rows(sampler, scores, [sid]).argmax()) for _ in range(20)]
+
+    assert draw(5) == draw(5) and draw(5) != draw(6)
+    sampler = Sampler(vocab_size=4)
+    sid, slot = sampler.open(Sampling(temperature=0, frequency_penalty=2.0), seed=None)
+    flat = torch.tensor([[1.0, 0.5, 0.0, 0.0]])
+    picks = [int(_rows(sampler, flat, [sid]).argmax()) for _ in range(3)]
+    assert picks == [0, 1, 2]  # each used token drops by 2: 1 -> -1, 0.5 -> -1.5, then 0 wins
+    sid, _ = sampler.open(Sampling(temperature=0, logit_bias={3: 5.0}), seed=None)
+    assert int(_rows(sampler, flat, [sid]).argmax()) == 3
+
+
+def test_sampler_logprobs_come_from_the_raw_distribution() -> None:
+    sampler = Sampler(vocab_size=3)
+    sid, slot = sampler.open(Sampling(temperature=0, logprobs=2, presence_penalty=2.0), seed=None)
+    scores = torch.tensor([[2.0, 1.0, 0.0]])
+    _rows(sampler, scores, [sid])
+    pick = slot.take(1)[0]
+    expected = torch.log_softmax(scores[0], -1)
+    assert pick.token == 0 and pick.logprob == pytest.approx(float(expected[0]))
+    assert [t for t, _ in pick.top] == [0, 1]
+
+
+def test_top_p_and_top_k_restrict_the_choice() -> None:
+    scores = torch.tensor([[5.0, 4.9, 0.0, 0.0]])
+    for sampling in (Sampling(temperature=1.0, top_k=1), Sampling(temperature=1.0, top_p=0.01)):
+        sampler = Sampler(vocab_size=4)
+        sid, _ = sampler.open(sampling, seed=1)
+        assert {int(_rows(sampler, scores, [sid]).argmax()) for _ in range(30)} == {0}
+
+
+@pytest.mark.parametrize(("pieces", "stops", "sent", "stopped"), [
+    (["Hello", " wor", "ld", "!"], ["world"], "Hello ", True),
+    (["a\n", "b"], ["\n"], "a", True),
+    (["ab", "c", "d"], ["cx"], "abcd", False),  # "c" held back, then released
+    (["x", "y"], [], "xy", False),
+])
+def test_stop_strings(pieces: list[str], stops: list[str], sent: str, stopped: bool) -> None:
+    checker = StopStrings(stops)
+    out, hit = "", False
+    for p in pieces:
+        text, hit = checker.feed(p)
+        out += text
+        if hit:
+            break
+    if not hit:
+        out += checker.flush()
+    assert (out, hit) == (sent, stopped)
 
 
 def test_chat_request_validation() -> None:
@@ -74,8 +137,11 @@ def test_chat_request_validation() -> None:
         ChatCompletionRequest.model_validate({"model": "m", "messages": []})
     with pytest.raises(APIError) as err:
         ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}],
-                                              "logprobs": True})
-    assert err.value.param == "logprobs" and err.value.status == 400
+                                              "tool_choice": "auto"})
+    assert err.value.param == "tool_choice" and err.value.status == 400
+    req = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                                "logprobs": True, "top_logprobs": 2, "stop": "END"})
+    assert req.logprobs_wanted() == 2 and req.stop_list() == ["END"]
     with pytest.raises(APIError):
         ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}],
                                               "stream_options": {"include_usage": True}})

@@ -1,11 +1,12 @@
 """The continuous-batching engine of one loaded model.
 
 transformers' ``ContinuousBatchingManager`` runs the batch in its own thread:
-jobs join between steps and leave when they finish or are cancelled. After
-each step it hands the outputs of every job that advanced to
+requests join between steps and leave when they finish or are cancelled.
+After each step it hands the outputs of every request that advanced to
 ``deliver_batch``; ``_StepRouter`` passes that list to our pump thread, which
-detokenizes and publishes one event per job, the whole step in one Redis
-pipeline. Celery's worker threads only submit a job and wait for it to end.
+detokenizes, applies stop strings, attaches logprobs and publishes one event
+per choice, the whole step in one Redis pipeline. Token choice itself is
+``worker/sampler.py``'s. Celery's worker threads only submit and wait.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from transformers.generation import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.continuous_api import OutputRouter
 from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
 
-from broker.schemas import Delta, Done, Error, FinishReason, Job, Timings, Usage
+from broker.schemas import Delta, Done, Error, FinishReason, Job, Timings, TokenLogprob, Usage
 from worker.detok import IncrementalDetokenizer
 from worker.loading import LoadedModel
 from worker.publish import Publisher
-from worker.sampling import ENGINE_TEMPERATURE, ENGINE_TOP_P, install_greedy_temperature, request_kwargs
+from worker.sampler import SLOT_KWARG, Pick, Sampler, Slot, install
+from worker.stops import StopStrings
 
 log = logging.getLogger("llmq.worker.engine")
 
@@ -37,23 +39,29 @@ THROUGHPUT_WINDOW_S = 10.0
 
 @dataclass(eq=False)
 class Run:
-    """One job inside the engine."""
+    """One choice of one job inside the engine."""
 
     job: Job
+    index: int
     prompt_ids: list[int]
     max_tokens: int
     detok: IncrementalDetokenizer
     queue_s: float
     submitted: float = field(default_factory=time.monotonic)
-    seq: int = 1  # 0 was the Started event
     tokens: int = 0
     first_token_at: float | None = None
     finish_reason: FinishReason | None = None
     ended: threading.Event = field(default_factory=threading.Event)
+    stops: StopStrings = field(init=False)
+    slot_id: int = -1
+    slot: Slot | None = None
 
-    def next_seq(self) -> int:
-        self.seq += 1
-        return self.seq - 1
+    def __post_init__(self) -> None:
+        self.stops = StopStrings(self.job.stop)
+
+    @property
+    def request_id(self) -> str:
+        return f"{self.job.job_id}/{self.index}"
 
 
 class _StepRouter(OutputRouter):
@@ -70,21 +78,37 @@ class _StepRouter(OutputRouter):
         self._steps.put([output])
 
 
+class Sequencer:
+    """Event numbers per job, shared by its choices (0 was Started)."""
+
+    def __init__(self) -> None:
+        self._next: dict[str, int] = {}
+
+    def next(self, job_id: str) -> int:
+        n = self._next.get(job_id, 1)
+        self._next[job_id] = n + 1
+        return n
+
+    def forget(self, job_id: str) -> None:
+        self._next.pop(job_id, None)
+
+
 class Engine:
     def __init__(self, lm: LoadedModel, publisher: Publisher, *, max_batch: int, kv_cache_tokens: int) -> None:
         self.lm = lm
         self._publisher = publisher
-        self._runs: dict[str, Run] = {}
+        self._runs: dict[str, Run] = {}  # request id -> run
         self._lock = threading.Lock()
         self._steps: queue.Queue[list[GenerationOutput]] = queue.Queue()
         self._recent: deque[tuple[float, int]] = deque()
         self._stopping = threading.Event()
+        self._seq = Sequencer()
+        self.sampler = Sampler(lm.vocab_size)
 
         gen_config = GenerationConfig(
+            # Sampling is Sampler's; the engine only takes the token it marks.
             do_sample=True,
-            temperature=ENGINE_TEMPERATURE,
-            top_p=ENGINE_TOP_P,
-            top_k=lm.vocab_size,
+            temperature=0.7,
             max_new_tokens=lm.context_length,
             eos_token_id=lm.eos_token_ids,
             pad_token_id=lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.eos_token_ids[0],
@@ -99,7 +123,7 @@ class Engine:
         self._manager = lm.model.init_continuous_batching(
             generation_config=gen_config, continuous_batching_config=cb_config
         )
-        install_greedy_temperature(self._manager)
+        install(self._manager, self.sampler)
         self._manager.output_router = _StepRouter(self._steps)
         self._pump = threading.Thread(target=self._pump_loop, name=f"llmq-pump-{lm.names[0]}", daemon=True)
 
@@ -131,32 +155,40 @@ class Engine:
             self._recent.popleft()
         return sum(n for _, n in self._recent) / THROUGHPUT_WINDOW_S
 
+    def next_seq(self, job_id: str) -> int:
+        return self._seq.next(job_id)
+
     def submit(self, run: Run) -> None:
+        s = run.job.sampling
+        run.slot_id, run.slot = self.sampler.open(s, None if s.seed is None else s.seed + run.index)
         with self._lock:
-            self._runs[run.job.job_id] = run
+            self._runs[run.request_id] = run
         self._manager.add_request(
             run.prompt_ids,
-            request_id=run.job.job_id,
+            request_id=run.request_id,
             max_new_tokens=run.max_tokens,
             streaming=True,
-            **request_kwargs(run.job.sampling, self.lm.vocab_size),
+            **{SLOT_KWARG: run.slot_id},
         )
 
     def cancel(self, job_id: str) -> bool:
-        """Free the job's batch slot at the next step. True if it was running."""
+        """Free the job's batch slots at the next step. True if it was running."""
         with self._lock:
-            run = self._runs.get(job_id)
-        if run is None:
-            return False
-        self._manager.cancel_request(job_id)
-        # After cancel_request no final output arrives, so end the job here.
-        self._end(run, "cancelled")
-        log.info("job %s: cancelled after %d tokens", job_id, run.tokens)
-        return True
+            runs = [r for r in self._runs.values() if r.job.job_id == job_id]
+        for run in runs:
+            self._manager.cancel_request(run.request_id)
+            # After cancel_request no final output arrives, so end the run here.
+            self._end(run, "cancelled")
+        if runs:
+            log.info("job %s: cancelled after %d tokens", job_id, sum(r.tokens for r in runs))
+        return bool(runs)
 
     def _end(self, run: Run, reason: FinishReason) -> None:
         with self._lock:
-            self._runs.pop(run.job.job_id, None)
+            self._runs.pop(run.request_id, None)
+            if not any(r.job.job_id == run.job.job_id for r in self._runs.values()):
+                self._seq.forget(run.job.job_id)
+        self.sampler.close(run.slot_id)
         if run.finish_reason is None:
             run.finish_reason = reason
         run.ended.set()
@@ -200,28 +232,39 @@ class Engine:
                 batch.append((run, self._error(run, out.error or "the engine failed this request")))
                 finished.append(run)
                 continue
-            text = run.detok.push(fresh)
             done = out.status == RequestStatus.FINISHED
-            if done:
-                text += run.detok.flush()
-            if text:
-                batch.append((run, Delta(job_id=run.job.job_id, seq=run.next_seq(), text=text,
-                                         completion_tokens=run.tokens)))
-            if done:
-                run.finish_reason = self._finish_reason(run, out)
+            text, stopped = run.stops.feed(run.detok.push(fresh))
+            if done and not stopped:
+                more, stopped = run.stops.feed(run.detok.flush())
+                text += more if stopped else more + run.stops.flush()
+            picks = run.slot.take(len(fresh)) if run.slot is not None and run.job.sampling.logprobs is not None else []
+            if text or picks:
+                batch.append((run, Delta(job_id=run.job.job_id, seq=self._seq.next(run.job.job_id), index=run.index,
+                                         text=text, completion_tokens=run.tokens,
+                                         logprobs=self._logprobs(picks) if picks else None)))
+            if stopped and not done:
+                self._manager.cancel_request(run.request_id)  # the rest would never be sent
+            if done or stopped:
+                run.finish_reason = "stop" if stopped else self._finish_reason(run, out)
                 batch.append((run, self._done(run, now)))
                 finished.append(run)
         self._recent.append((now, new_tokens))
         if batch:
             listeners = self._publisher.publish([(run.job.reply_channel, ev) for run, ev in batch])
-            gone = {run for (run, _), n in zip(batch, listeners) if n == 0}
-            for run in gone - set(finished):
+            gone = {run.job.job_id for (run, _), n in zip(batch, listeners) if n == 0 and run not in finished}
+            for job_id in gone:
                 # No API process listens on the reply channel: nobody will read this job.
-                log.warning("job %s: reply channel %s has no subscriber, cancelling", run.job.job_id,
-                            run.job.reply_channel)
-                self.cancel(run.job.job_id)
+                log.warning("job %s: its reply channel has no subscriber, cancelling", job_id)
+                self.cancel(job_id)
         for run in finished:
             self._end(run, run.finish_reason or "stop")
+
+    def _logprobs(self, picks: list[Pick]) -> list[TokenLogprob]:
+        decode = self.lm.tokenizer.decode
+        return [
+            TokenLogprob(token=decode([p.token]), logprob=p.logprob, top=[(decode([t]), lp) for t, lp in p.top])
+            for p in picks
+        ]
 
     def _finish_reason(self, run: Run, out: GenerationOutput) -> FinishReason:
         last = out.generated_tokens[-1] if out.generated_tokens else None
@@ -233,7 +276,8 @@ class Engine:
         first = None if run.first_token_at is None else run.first_token_at - run.submitted
         return Done(
             job_id=run.job.job_id,
-            seq=run.next_seq(),
+            seq=self._seq.next(run.job.job_id),
+            index=run.index,
             finish_reason=run.finish_reason or "stop",
             usage=Usage(prompt_tokens=len(run.prompt_ids), completion_tokens=run.tokens),
             timings=Timings(queue_s=run.queue_s, first_token_s=first, total_s=now - run.submitted),
@@ -241,8 +285,9 @@ class Engine:
 
     def _error(self, run: Run, message: str) -> Error:
         log.error("job %s: engine error: %s", run.job.job_id, message)
-        return Error(job_id=run.job.job_id, seq=run.next_seq(), status=500, error_type="server_error",
-                     code="engine_error", message=f"The model failed while generating: {message}")
+        return Error(job_id=run.job.job_id, seq=self._seq.next(run.job.job_id), status=500,
+                     error_type="server_error", code="engine_error",
+                     message=f"The model failed while generating: {message}")
 
 
 def engine_kwargs(max_batch: int, kv_cache_tokens: int | None, context_length: int) -> dict[str, Any]:

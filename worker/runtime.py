@@ -14,7 +14,7 @@ import redis
 from broker import __version__
 from broker.control import claim, is_cancelled
 from broker.keys import Keys, queue_name
-from broker.schemas import Error, Heartbeat, Job, ModelInfo, Started
+from broker.schemas import Delta, Error, Heartbeat, Job, ModelInfo, Started
 from broker.settings import Settings
 from worker.detok import IncrementalDetokenizer
 from worker.engine import Engine, Run, engine_kwargs
@@ -107,6 +107,11 @@ class Runtime:
             ids = prompt_ids(lm.tokenizer, job, lm.vocab_size)
         except PromptError as exc:
             return self._fail(job, 400, "invalid_prompt", exc.param, str(exc))
+        bad_bias = [t for t in job.sampling.logit_bias or {} if not 0 <= t < lm.vocab_size]
+        if bad_bias:
+            return self._fail(job, 400, "invalid_value", "logit_bias",
+                              f"Token id {bad_bias[0]} in 'logit_bias' is outside this model's vocabulary "
+                              f"(0..{lm.vocab_size - 1}).")
         room = lm.context_length - len(ids)
         if room <= 0:
             return self._fail(
@@ -122,20 +127,31 @@ class Runtime:
                 f"and max_tokens asks for {wanted}, {len(ids) + wanted} in all.",
             )
         queue_s = max(0.0, time.time() - job.submitted_at)
-        run = Run(job=job, prompt_ids=ids, max_tokens=wanted or room, queue_s=queue_s,
-                  detok=IncrementalDetokenizer(lm.tokenizer, ids))
-        started = Started(job_id=jid, seq=0, worker=self.worker_id, prompt_tokens=len(ids), queue_s=queue_s)
+        runs = [Run(job=job, index=i, prompt_ids=ids, max_tokens=wanted or room, queue_s=queue_s,
+                    detok=IncrementalDetokenizer(lm.tokenizer, ids)) for i in range(job.n)]
+        events: list[tuple[str, Started | Delta]] = [
+            (job.reply_channel, Started(job_id=jid, seq=0, worker=self.worker_id, prompt_tokens=len(ids),
+                                        queue_s=queue_s))
+        ]
+        if job.echo:
+            echo = lm.tokenizer.decode(ids, skip_special_tokens=False)
+            events += [(job.reply_channel, Delta(job_id=jid, seq=engine.next_seq(jid), index=i, text=echo,
+                                                 completion_tokens=0)) for i in range(job.n)]
         # Published (and so ordered) before the engine can emit any delta.
-        if self.publisher.publish([(job.reply_channel, started)]) == [0]:
+        if self.publisher.publish(events)[0] == 0:
             log.warning("job %s: no API listens on %s, dropped", jid, job.reply_channel)
             return {"job_id": jid, "status": "no_listener"}
-        engine.submit(run)
+        for run in runs:
+            engine.submit(run)
         if is_cancelled(self.redis, self.keys, jid):  # a cancel that raced the submit
             engine.cancel(jid)
-        run.ended.wait()
-        log.info("job %s: %s, %d prompt + %d completion tokens, queue %.3fs, total %.3fs", jid, run.finish_reason,
-                 len(ids), run.tokens, queue_s, time.monotonic() - run.submitted)
-        return {"job_id": jid, "status": run.finish_reason, "prompt_tokens": len(ids), "completion_tokens": run.tokens}
+        for run in runs:
+            run.ended.wait()
+        completion = sum(r.tokens for r in runs)
+        reasons = ",".join(sorted({r.finish_reason or "?" for r in runs}))
+        log.info("job %s: %s, %d prompt + %d completion tokens in %d choice(s), queue %.3fs, total %.3fs", jid,
+                 reasons, len(ids), completion, job.n, queue_s, time.monotonic() - runs[0].submitted)
+        return {"job_id": jid, "status": reasons, "prompt_tokens": len(ids), "completion_tokens": completion}
 
     def _fail(self, job: Job, status: int, code: str, param: str | None, message: str) -> dict[str, object]:
         log.info("job %s: refused (%s): %s", job.job_id, code, message)
