@@ -33,6 +33,10 @@ OPTIONS = [
     click.Option(["--max-batch-size"], type=int, default=16, help="jobs batched at once; match --concurrency"),
     click.Option(["--kv-cache-tokens"], type=int, default=None, help="KV cache size in tokens"),
     click.Option(["--trust-remote-code"], is_flag=True, default=False),
+    click.Option(["--load-8bit"], is_flag=True, default=False, help="8-bit weights (bitsandbytes)"),
+    click.Option(["--load-4bit"], is_flag=True, default=False, help="4-bit NF4 weights (bitsandbytes)"),
+    click.Option(["--num-gpus"], type=int, default=1, help="spread each model over this many GPUs"),
+    click.Option(["--max-gpu-memory"], default=None, help="memory per GPU for the weights, e.g. 20GiB"),
 ]
 
 
@@ -50,6 +54,8 @@ def specs_from_options(opts: dict[str, Any]) -> list[ModelSpec]:
             path=path, names=served, revision=opts.get("revision"), dtype=opts.get("dtype") or "auto",
             device=opts.get("device") or "auto", chat_template=opts.get("chat_template"),
             context_length=opts.get("context_length"), trust_remote_code=bool(opts.get("trust_remote_code")),
+            load_8bit=bool(opts.get("load_8bit")), load_4bit=bool(opts.get("load_4bit")),
+            num_gpus=opts.get("num_gpus") or 1, max_gpu_memory=opts.get("max_gpu_memory"),
         ))
     served_all = [n for s in specs for n in s.served_names()]
     if len(set(served_all)) != len(served_all):

@@ -29,6 +29,16 @@ class ModelSpec:
     chat_template: str | None = None
     context_length: int | None = None
     trust_remote_code: bool = False
+    load_8bit: bool = False
+    load_4bit: bool = False
+    num_gpus: int = 1
+    max_gpu_memory: str | None = None  # per GPU, as accelerate takes it: "20GiB"
+
+    def __post_init__(self) -> None:
+        if self.load_8bit and self.load_4bit:
+            raise ModelLoadError("--load-8bit and --load-4bit exclude each other")
+        if self.num_gpus < 1:
+            raise ModelLoadError(f"--num-gpus {self.num_gpus}: must be at least 1")
 
     def served_names(self) -> tuple[str, ...]:
         if self.names:
@@ -90,19 +100,56 @@ def _source(spec: ModelSpec) -> tuple[str, dict[str, Any]]:
     return spec.path, kwargs
 
 
+def _placement(spec: ModelSpec, device: str, dtype: Any) -> dict[str, Any]:
+    """from_pretrained kwargs for quantization and for spreading over GPUs."""
+    import torch
+
+    kwargs: dict[str, Any] = {}
+    if spec.load_8bit or spec.load_4bit:
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401  (fail here, with a clear line, if missing)
+        except ImportError as exc:
+            raise ModelLoadError(f"--load-8bit/--load-4bit need bitsandbytes: {exc}") from exc
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_8bit=True)
+            if spec.load_8bit
+            else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+        )
+    if spec.num_gpus > 1 or spec.max_gpu_memory:
+        if not device.startswith("cuda"):
+            raise ModelLoadError("--num-gpus and --max-gpu-memory place a model on CUDA GPUs; --device is " + device)
+        available = torch.cuda.device_count()
+        if spec.num_gpus > available:
+            raise ModelLoadError(f"--num-gpus {spec.num_gpus}, but torch sees {available} GPU(s)")
+        kwargs["device_map"] = "auto"
+        if spec.max_gpu_memory:
+            kwargs["max_memory"] = {i: spec.max_gpu_memory for i in range(spec.num_gpus)}
+        else:
+            kwargs["max_memory"] = {i: torch.cuda.get_device_properties(i).total_memory for i in range(spec.num_gpus)}
+    elif "quantization_config" in kwargs:
+        # Quantized weights are placed while loading; they cannot be moved after.
+        kwargs["device_map"] = {"": device}
+    return kwargs
+
+
 def load(spec: ModelSpec) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
     source, kwargs = _source(spec)
+    placement = _placement(spec, device, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(spec.dtype, device), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs, **placement)
     except OSError as exc:  # missing files, not in the local cache, no network
         raise ModelLoadError(f"--model-path {spec.path}: {str(exc).splitlines()[0]}") from exc
     except ValueError as exc:  # unknown architecture, bad dtype...
         raise ModelLoadError(f"--model-path {spec.path}: {str(exc).splitlines()[0]}") from exc
-    model.to(device).eval()
+    if "device_map" not in placement:
+        model.to(device)
+    model.eval()
 
     if spec.chat_template:
         template = Path(spec.chat_template)
@@ -119,8 +166,9 @@ def load(spec: ModelSpec) -> LoadedModel:
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
         eos_ids.append(tokenizer.eos_token_id)
-    log.info("loaded %s as %s on %s (%s, context %d)", spec.path, ",".join(spec.served_names()), device,
-             model.dtype, context)
+    quant = "8-bit" if spec.load_8bit else "4-bit" if spec.load_4bit else str(model.dtype)
+    log.info("loaded %s as %s on %s (%s, %d MiB, context %d)", spec.path, ",".join(spec.served_names()), device,
+             quant, model.get_memory_footprint() // 2**20, context)
     return LoadedModel(spec=spec, model=model, tokenizer=tokenizer, context_length=context, device=device,
                        eos_token_ids=eos_ids)
 
