@@ -21,7 +21,7 @@ from broker.celery_app import GENERATE_TASK
 from broker.control import request_cancel
 from broker.keys import Keys, queue_name
 from broker.registry import Registry
-from broker.schemas import Delta, Done, Error, Job, Message, Sampling, Started
+from broker.schemas import Delta, Done, Embeddings, Error, Job, Message, Sampling, Started
 from broker.settings import Settings
 
 log = logging.getLogger("llmq.api.jobs")
@@ -111,17 +111,7 @@ class Jobs:
         prompt: str | list[int] | None = None,
         id_prefix: str,
     ) -> RunningJob:
-        live = (await self._registry.live_models()).get(model)
-        if live is None:
-            raise no_live_worker(model) if await self._registry.ever_served(model) else model_not_found(model)
-        if live.info.kind != "chat":
-            raise APIError(400, f"The model '{model}' is an embedding model; use /v1/embeddings.", param="model",
-                           code="wrong_model_kind")
-        queue = queue_name(model)
-        depth = int(await self._redis.llen(queue))
-        if depth >= self.settings.max_queue_depth:
-            raise queue_full(model, depth, self.settings.retry_after_s)
-
+        queue = await self._admit(model, "chat")
         job = Job(
             job_id=f"{id_prefix}-{uuid.uuid4().hex}",
             model=model,
@@ -151,6 +141,39 @@ class Jobs:
             raise APIError(504, f"No worker started the job within {self.settings.first_event_timeout_s:.0f} s.",
                            type="server_error", code="queue_timeout")
         raise APIError(500, f"The worker's first event was {first.type}, not started.", type="server_error")
+
+    async def embed(self, *, model: str, inputs: list[str] | list[list[int]]) -> Embeddings:
+        queue = await self._admit(model, "embedding")
+        job = Job(job_id=f"embd-{uuid.uuid4().hex}", model=model, kind="embedding", inputs=inputs,
+                  reply_channel=self._router.channel, submitted_at=time.time())
+        q = self._router.open(job.job_id)
+        try:
+            await run_in_threadpool(self._send, job, queue)
+            ev = await next_event(q, self.settings.first_event_timeout_s)
+        finally:
+            self._router.close(job.job_id)
+        if isinstance(ev, Embeddings):
+            return ev
+        if isinstance(ev, Error):
+            raise error_from_event(ev)
+        await request_cancel(self._redis, self._keys, job.job_id, self.settings.cancel_ttl_s)
+        raise APIError(504, f"No worker embedded the input within {self.settings.first_event_timeout_s:.0f} s.",
+                       type="server_error", code="queue_timeout")
+
+    async def _admit(self, model: str, kind: str) -> str:
+        """The model's queue, if a live worker serves it as ``kind`` and its queue has room."""
+        live = (await self._registry.live_models()).get(model)
+        if live is None:
+            raise no_live_worker(model) if await self._registry.ever_served(model) else model_not_found(model)
+        if live.info.kind != kind:
+            route = "/v1/embeddings" if live.info.kind == "embedding" else "/v1/chat/completions or /v1/completions"
+            raise APIError(400, f"The model '{model}' is a {live.info.kind} model; use {route}.", param="model",
+                           code="wrong_model_kind")
+        queue = queue_name(model)
+        depth = int(await self._redis.llen(queue))
+        if depth >= self.settings.max_queue_depth:
+            raise queue_full(model, depth, self.settings.retry_after_s)
+        return queue
 
     def _send(self, job: Job, queue: str) -> None:
         self._celery.send_task(

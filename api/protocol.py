@@ -256,3 +256,55 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ------------------------------------------------------------- embeddings
+
+
+class EmbeddingRequest(Request):
+    model: str = Field(min_length=1)
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "EmbeddingRequest":
+        if self.dimensions is not None:
+            raise unsupported("dimensions", "The model's embeddings have one fixed size.")
+        return self
+
+    def inputs(self) -> list[str] | list[list[int]]:
+        x = self.input
+        if isinstance(x, str):
+            items: list[str] | list[list[int]] = [x]
+        elif x and all(isinstance(i, int) for i in x):
+            items = [list(x)]  # type: ignore[list-item]
+        else:
+            items = list(x)  # type: ignore[assignment]
+        if not items or any(len(i) == 0 for i in items):
+            raise invalid("input", "'input' must not be empty, nor contain an empty string or token list.")
+        if len(items) > MAX_EMBEDDING_INPUTS:
+            raise invalid("input", f"'input' takes at most {MAX_EMBEDDING_INPUTS} items per request.")
+        return items
+
+
+MAX_EMBEDDING_INPUTS = 2048
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage

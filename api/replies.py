@@ -12,11 +12,10 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from broker.schemas import Delta, Done, Error, Started, parse_event
+from broker.schemas import AnyEvent, parse_event
 
 log = logging.getLogger("llmq.api.replies")
 
-AnyEvent = Started | Delta | Done | Error
 RESUBSCRIBE_DELAY_S = 0.5
 
 

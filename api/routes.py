@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import base64
+from array import array
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 
 from api.deps import JobsDep, RegistryDep
 from api.jobs import RunningJob
-from api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingData,
+    EmbeddingList,
+    EmbeddingRequest,
+    EmbeddingUsage,
+    ModelCard,
+    ModelList,
+)
 from api.serving import ChatShape, CompletionShape, Shape, collect, stream
 
 router = APIRouter(prefix="/v1")
@@ -71,3 +84,27 @@ async def completions(body: CompletionRequest, jobs: JobsDep, request: Request) 
         id_prefix="cmpl",
     )
     return await _answer(run, CompletionShape(), body.stream, body.include_usage, request)
+
+
+@router.post("/embeddings")
+async def embeddings(body: EmbeddingRequest, jobs: JobsDep) -> EmbeddingList:
+    result = await jobs.embed(model=body.model, inputs=body.inputs())
+    if body.encoding_format == "base64":
+        vectors: list[list[float] | str] = list(result.vectors)  # already little-endian float32, as OpenAI sends
+    else:
+        vectors = [array("f", base64.b64decode(v)).tolist() for v in result.vectors]
+    return EmbeddingList(
+        data=[EmbeddingData(index=i, embedding=v) for i, v in enumerate(vectors)],
+        model=body.model,
+        usage=EmbeddingUsage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens),
+    )
+
+
+@router.post("/engines/{model}/embeddings", include_in_schema=False)
+async def engine_embeddings(model: str, body: dict[str, Any], jobs: JobsDep) -> EmbeddingList:
+    """FastChat's older path: the model comes from the URL."""
+    try:
+        request = EmbeddingRequest.model_validate({**body, "model": model})
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from exc
+    return await embeddings(request, jobs)

@@ -46,9 +46,10 @@ class Job(Strict):
     v: int = SCHEMA_VERSION
     job_id: str
     model: str
-    kind: Literal["chat", "completion"]
+    kind: Literal["chat", "completion", "embedding"]
     messages: list[Message] | None = None
     prompt: str | list[int] | None = None
+    inputs: list[str] | list[list[int]] | None = Field(default=None, description="embedding jobs")
     sampling: Sampling = Sampling()
     n: int = Field(default=1, ge=1, description="independent choices")
     stop: list[str] = Field(default_factory=list, description="never emitted; generation ends before them")
@@ -58,11 +59,12 @@ class Job(Strict):
 
     def summary(self) -> dict[str, object]:
         """What Flower may show about this job: never the prompt text."""
-        size = (
-            sum(len(m.content) for m in self.messages)
-            if self.messages is not None
-            else (len(self.prompt) if self.prompt is not None else 0)
-        )
+        if self.messages is not None:
+            size = sum(len(m.content) for m in self.messages)
+        elif self.inputs is not None:
+            size = sum(len(i) for i in self.inputs)
+        else:
+            size = len(self.prompt) if self.prompt is not None else 0
         return {
             "job_id": self.job_id,
             "model": self.model,
@@ -137,11 +139,20 @@ class Error(_Event):
     message: str
 
 
-Event = Annotated[Started | Delta | Done | Error, Field(discriminator="type")]
-EVENT_ADAPTER: TypeAdapter[Started | Delta | Done | Error] = TypeAdapter(Event)
+class Embeddings(_Event):
+    """The whole answer of an embedding job."""
+
+    type: Literal["embeddings"] = "embeddings"
+    vectors: list[str] = Field(description="per input, base64 of little-endian float32")
+    prompt_tokens: int
 
 
-def parse_event(raw: bytes | str) -> Started | Delta | Done | Error:
+AnyEvent = Started | Delta | Done | Error | Embeddings
+Event = Annotated[AnyEvent, Field(discriminator="type")]
+EVENT_ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(Event)
+
+
+def parse_event(raw: bytes | str) -> AnyEvent:
     return EVENT_ADAPTER.validate_json(raw)
 
 

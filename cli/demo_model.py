@@ -11,6 +11,7 @@ from pathlib import Path
 log = logging.getLogger("llmq.demo")
 
 DEMO_MODEL_NAME = "smollm2-135m-instruct"
+EMBEDDING_MODEL_NAME = "all-minilm-l6-v2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DIR = Path("models") / DEMO_MODEL_NAME
 

@@ -1,6 +1,7 @@
 """``llmq up`` (what ``make run`` runs): the demo stack as child processes.
 
-Redis, the API, one worker for the demo chat model and Flower, each started
+Redis, the API, a worker for the demo chat model, one for the embedding
+model, and Flower, each started
 the way an operator would start it, with the URLs printed once all are up.
 Ctrl-C (or SIGTERM) stops them all, workers first so they withdraw cleanly.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from cli.demo_model import DEFAULT_DIR, DEMO_MODEL_NAME, build
+from cli.demo_model import DEFAULT_DIR, DEMO_MODEL_NAME, EMBEDDING_MODEL_NAME, build, embedding_model_dir
 from cli.main import worker_argv
 
 console = Console()
@@ -97,16 +98,18 @@ def run_stack(*, api_port: int, flower_port: int, redis_port: int) -> int:
         api = spawn("api", [sys.executable, "-m", "cli.main", "api", "--port", str(api_port)])
         _wait_port(api_port, api, "the API")
         worker = spawn("worker", worker_argv([str(model_dir)], [DEMO_MODEL_NAME], 16, []))
+        embedder = spawn("worker-embeddings", worker_argv([str(embedding_model_dir())], [EMBEDDING_MODEL_NAME], 4, []))
         spawn("flower", [sys.executable, "-m", "celery", "--broker", redis_url, "flower",
                          f"--port={flower_port}", "--address=127.0.0.1"])
         _wait_model(api_port, DEMO_MODEL_NAME, worker)
+        _wait_model(api_port, EMBEDDING_MODEL_NAME, embedder)
         console.print(f"""
 [bold green]llmq is up[/]
   API (OpenAI-compatible)  http://127.0.0.1:{api_port}/v1
   API docs                 http://127.0.0.1:{api_port}/docs
   Flower (queues, tasks)   http://127.0.0.1:{flower_port}
   Redis                    {redis_url}
-  model                    {DEMO_MODEL_NAME}
+  models                   {DEMO_MODEL_NAME} (chat), {EMBEDDING_MODEL_NAME} (embeddings)
   logs                     {logs}/
 Try:  curl http://127.0.0.1:{api_port}/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{{"model": "{DEMO_MODEL_NAME}", "messages": [{{"role": "user", "content": "Hi!"}}]}}'

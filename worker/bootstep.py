@@ -16,6 +16,7 @@ import click
 from celery import Celery, bootsteps
 
 from broker.settings import Settings
+from worker.embeddings import is_embedding_model, load_embedding
 from worker.loading import ModelLoadError, ModelSpec, load
 from worker.runtime import EngineOptions, Runtime
 
@@ -72,7 +73,7 @@ class LLMQStep(bootsteps.StartStopStep):
         settings: Settings = app.llmq_settings
         try:
             specs = specs_from_options(opts)
-            models = [load(spec) for spec in specs]
+            models = [load_embedding(spec) if is_embedding_model(spec.path) else load(spec) for spec in specs]
         except ModelLoadError as exc:
             # One clear line, and no registration: the heartbeat never starts.
             raise SystemExit(f"llmq worker: cannot start: {exc}") from None

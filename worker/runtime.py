@@ -14,9 +14,10 @@ import redis
 from broker import __version__
 from broker.control import claim, is_cancelled
 from broker.keys import Keys, queue_name
-from broker.schemas import Delta, Error, Heartbeat, Job, ModelInfo, Started
+from broker.schemas import Delta, Embeddings, Error, Heartbeat, Job, ModelInfo, Started
 from broker.settings import Settings
 from worker.detok import IncrementalDetokenizer
+from worker.embeddings import EmbeddingModel, InputTooLong
 from worker.engine import Engine, Run, engine_kwargs
 from worker.heartbeat import Heart
 from worker.loading import LoadedModel
@@ -33,7 +34,8 @@ class EngineOptions:
 
 
 class Runtime:
-    def __init__(self, settings: Settings, models: list[LoadedModel], options: EngineOptions, worker_id: str) -> None:
+    def __init__(self, settings: Settings, models: list[LoadedModel | EmbeddingModel], options: EngineOptions,
+                 worker_id: str) -> None:
         self.settings = settings
         self.worker_id = worker_id
         self.keys = Keys(settings.key_prefix)
@@ -41,7 +43,11 @@ class Runtime:
         self.publisher = Publisher(self.redis)
         self.options = options
         self.engines: dict[str, Engine] = {}
+        self.embedders: dict[str, EmbeddingModel] = {}
         for lm in models:
+            if isinstance(lm, EmbeddingModel):
+                self.embedders.update({name: lm for name in lm.names})
+                continue
             engine = Engine(lm, self.publisher, **engine_kwargs(options.max_batch_size, options.kv_cache_tokens,
                                                                  lm.context_length))
             for name in lm.names:
@@ -53,7 +59,7 @@ class Runtime:
         self._stopping = threading.Event()
 
     def queues(self) -> list[str]:
-        return [queue_name(name) for name in self.engines]
+        return [queue_name(name) for name in [*self.engines, *self.embedders]]
 
     def _unique_engines(self) -> list[Engine]:
         return list({id(e): e for e in self.engines.values()}.values())
@@ -63,7 +69,7 @@ class Runtime:
             engine.start()
         self._cancel_thread.start()
         self.heart.start()
-        log.info("worker %s serving %s", self.worker_id, ", ".join(self.engines))
+        log.info("worker %s serving %s", self.worker_id, ", ".join([*self.engines, *self.embedders]))
 
     def stop(self) -> None:
         self._stopping.set()
@@ -78,8 +84,11 @@ class Runtime:
             models=[
                 ModelInfo(name=name, queue=queue_name(name), context_length=e.lm.context_length, kind="chat")
                 for name, e in self.engines.items()
+            ] + [
+                ModelInfo(name=name, queue=queue_name(name), context_length=m.context_length, kind="embedding")
+                for name, m in self.embedders.items()
             ],
-            device=",".join(sorted({e.lm.device for e in engines})),
+            device=",".join(sorted({e.lm.device for e in engines} | {m.device for m in self.embedders.values()})),
             capacity=self.options.max_batch_size,
             running=sum(e.running for e in engines),
             tokens_per_s=round(sum(e.tokens_per_s() for e in engines), 2),
@@ -99,6 +108,8 @@ class Runtime:
         if not claim(self.redis, self.keys, jid, self.worker_id, self.settings.claim_ttl_s):
             log.warning("job %s: delivered again but already claimed, skipped", jid)
             return {"job_id": jid, "status": "duplicate"}
+        if job.kind == "embedding":
+            return self._embed(job)
         engine = self.engines.get(job.model)
         if engine is None:
             return self._fail(job, 404, "model_not_found", "model", f"This worker does not serve '{job.model}'.")
@@ -152,6 +163,19 @@ class Runtime:
         log.info("job %s: %s, %d prompt + %d completion tokens in %d choice(s), queue %.3fs, total %.3fs", jid,
                  reasons, len(ids), completion, job.n, queue_s, time.monotonic() - runs[0].submitted)
         return {"job_id": jid, "status": reasons, "prompt_tokens": len(ids), "completion_tokens": completion}
+
+    def _embed(self, job: Job) -> dict[str, object]:
+        embedder = self.embedders.get(job.model)
+        if embedder is None:
+            return self._fail(job, 400, "wrong_model_kind", "model", f"'{job.model}' is not an embedding model here.")
+        try:
+            vectors, tokens = embedder.encode(job.inputs or [])
+        except InputTooLong as exc:
+            return self._fail(job, 400, "context_length_exceeded", "input", str(exc))
+        self.publisher.publish([(job.reply_channel, Embeddings(job_id=job.job_id, seq=0, vectors=vectors,
+                                                               prompt_tokens=tokens))])
+        log.info("job %s: embedded %d inputs, %d tokens", job.job_id, len(vectors), tokens)
+        return {"job_id": job.job_id, "status": "embedded", "prompt_tokens": tokens}
 
     def _fail(self, job: Job, status: int, code: str, param: str | None, message: str) -> dict[str, object]:
         log.info("job %s: refused (%s): %s", job.job_id, code, message)
