@@ -12,10 +12,12 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
-from api import errors
+from fastapi.middleware.cors import CORSMiddleware
+
+from api import errors, health
 from api.jobs import Jobs
 from api.replies import ReplyRouter
-from api.routes import router
+from api.routes import JOB_ID_HEADER, router
 from broker import __version__
 from broker.celery_app import make_celery
 from broker.keys import Keys
@@ -37,7 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await replies.start()
         registry = Registry(r, keys, settings.registry_cache_s)
         celery = make_celery(settings, main="llmq-api")
-        app.state.settings = settings
+        app.state.redis = r
         app.state.registry = registry
         app.state.jobs = Jobs(settings, r, keys, registry, replies, celery)
         log.info("API instance %s up, redis %s, reply channel %s", instance, settings.redis_url, replies.channel)
@@ -48,6 +50,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await r.aclose()
 
     app = FastAPI(title="llmq", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
     errors.install(app)
+    if settings.cors_allow_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_allow_origins,
+            allow_methods=settings.cors_allow_methods,
+            allow_headers=settings.cors_allow_headers,
+            expose_headers=[JOB_ID_HEADER],
+        )
     app.include_router(router)
+    app.include_router(health.router)
     return app

@@ -6,12 +6,13 @@ import base64
 from array import array
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 
+from api.auth import require_api_key
 from api.deps import JobsDep, RegistryDep
 from api.jobs import RunningJob
 from api.protocol import (
@@ -26,7 +27,7 @@ from api.protocol import (
 )
 from api.serving import ChatShape, CompletionShape, Shape, collect, stream
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 JOB_ID_HEADER = "x-request-id"
 

@@ -7,8 +7,10 @@ object at import time: entry points build one and pass it down.
 
 from __future__ import annotations
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -31,6 +33,24 @@ class Settings(BaseSettings):
     # and then for each next one, before it gives up with a 504 / error event.
     first_event_timeout_s: float = Field(default=600.0, gt=0)
     event_timeout_s: float = Field(default=120.0, gt=0)
+
+    # API keys: Bearer tokens accepted on every /v1 route; none means open.
+    # LLMQ_API_KEYS takes a comma-separated list.
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
+    # CORS for browser front ends on other origins: closed unless listed; "*" allowed.
+    cors_allow_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    cors_allow_methods: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["GET", "POST", "OPTIONS"])
+    cors_allow_headers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["authorization", "content-type"]
+    )
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("api_keys", "cors_allow_origins", "cors_allow_methods", "cors_allow_headers", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
 
     def heartbeat_ttl_ms(self) -> int:
         return int(self.heartbeat_ttl_s * 1000)

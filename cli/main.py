@@ -19,9 +19,14 @@ def api(
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to bind")] = 8000,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    api_key: Annotated[list[str] | None, typer.Option(help="required Bearer key; repeatable (or LLMQ_API_KEYS)")] = None,
 ) -> None:
     """Run the OpenAI-compatible API (settings from LLMQ_* variables)."""
     import uvicorn
+
+    if api_key:
+        # The app factory builds its Settings from the environment.
+        os.environ["LLMQ_API_KEYS"] = ",".join(api_key)
 
     uvicorn.run("api.app:create_app", factory=True, host=host, port=port, log_level=log_level)
 

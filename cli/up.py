@@ -40,12 +40,14 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout_s: f
 def _wait_model(api_port: int, model: str, proc: subprocess.Popen[bytes], timeout_s: float = 180) -> None:
     import httpx
 
+    keys = [k for k in os.environ.get("LLMQ_API_KEYS", "").split(",") if k.strip()]
+    headers = {"Authorization": f"Bearer {keys[0].strip()}"} if keys else {}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the worker exited with code {proc.returncode}; see {VAR}/logs/worker.log")
         try:
-            ids = [m["id"] for m in httpx.get(f"http://127.0.0.1:{api_port}/v1/models").json()["data"]]
+            ids = [m["id"] for m in httpx.get(f"http://127.0.0.1:{api_port}/v1/models", headers=headers).json()["data"]]
             if model in ids:
                 return
         except (httpx.HTTPError, KeyError, ValueError):

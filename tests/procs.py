@@ -90,7 +90,7 @@ def start_api(env: dict[str, str], name: str = "api") -> tuple[Proc, str]:
     port = free_port()
     proc = spawn(name, [sys.executable, "-m", "cli.main", "api", "--port", str(port), "--log-level", "warning"], env)
     base = f"http://127.0.0.1:{port}"
-    wait_for(lambda: httpx.get(f"{base}/v1/models", timeout=1).status_code == 200, 30, name, proc)
+    wait_for(lambda: httpx.get(f"{base}/health", timeout=1).status_code == 200, 30, name, proc)
     return proc, base
 
 

@@ -1,0 +1,29 @@
+"""Probes for orchestrators: /health says the process answers; /ready says
+it can serve (Redis reachable and at least one live worker)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    state = request.app.state
+    try:
+        await state.redis.ping()
+        workers = await state.registry.workers()
+    except (RedisError, OSError) as exc:
+        return JSONResponse({"status": "unavailable", "reason": f"redis unreachable: {exc}"}, status_code=503)
+    if not workers:
+        return JSONResponse({"status": "unavailable", "reason": "no live worker"}, status_code=503)
+    models = sorted({m.name for w in workers for m in w.models})
+    return JSONResponse({"status": "ready", "workers": len(workers), "models": models})
