@@ -14,8 +14,9 @@ from fastapi import FastAPI
 
 from fastapi.middleware.cors import CORSMiddleware
 
-from api import errors, health
+from api import errors, health, web
 from api.jobs import Jobs
+from api.metrics import Metrics
 from api.replies import ReplyRouter
 from api.routes import JOB_ID_HEADER, router
 from broker import __version__
@@ -41,7 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         celery = make_celery(settings, main="llmq-api")
         app.state.redis = r
         app.state.registry = registry
-        app.state.jobs = Jobs(settings, r, keys, registry, replies, celery)
+        app.state.jobs = Jobs(settings, r, keys, registry, replies, celery, app.state.metrics)
         log.info("API instance %s up, redis %s, reply channel %s", instance, settings.redis_url, replies.channel)
         try:
             yield
@@ -51,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="llmq", version=__version__, lifespan=lifespan)
     app.state.settings = settings
+    app.state.metrics = Metrics()
     errors.install(app)
     if settings.cors_allow_origins:
         app.add_middleware(
@@ -62,4 +64,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app.include_router(router)
     app.include_router(health.router)
+    web.install(app)
     return app

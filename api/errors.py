@@ -87,6 +87,12 @@ def _param_from_loc(loc: tuple[int | str, ...]) -> str | None:
     return ".".join(parts) or None
 
 
+def _count(request: Request, status: int, code: str | None) -> None:
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.observe_error(status, code)
+
+
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0]
     param = _param_from_loc(tuple(first.get("loc", ())))
@@ -99,12 +105,14 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     elif param:
         msg = f"Invalid value for '{param}': {msg}"
     log.info("400 %s %s: %s", request.method, request.url.path, msg)
+    _count(request, 400, "invalid_request")
     return APIError(400, msg, param=param).response()
 
 
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
     level = logging.WARNING if exc.status >= 500 else logging.INFO
     log.log(level, "%d %s %s code=%s: %s", exc.status, request.method, request.url.path, exc.code, exc.message)
+    _count(request, exc.status, exc.code)
     return exc.response()
 
 
@@ -115,6 +123,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("500 %s %s: unexpected %s", request.method, request.url.path, type(exc).__name__)
+    _count(request, 500, "internal")
     return APIError(500, "The server had an internal error; the log has the details.", type="server_error").response()
 
 

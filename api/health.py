@@ -1,10 +1,12 @@
-"""Probes for orchestrators: /health says the process answers; /ready says
-it can serve (Redis reachable and at least one live worker)."""
+"""Operations routes: /health says the process answers; /ready says it can
+serve (Redis reachable and at least one live worker); /metrics is for
+Prometheus."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 
 router = APIRouter()
@@ -27,3 +29,10 @@ async def ready(request: Request) -> JSONResponse:
         return JSONResponse({"status": "unavailable", "reason": "no live worker"}, status_code=503)
     models = sorted({m.name for w in workers for m in w.models})
     return JSONResponse({"status": "ready", "workers": len(workers), "models": models})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    state = request.app.state
+    body = await state.metrics.render(state.registry, state.redis)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -16,6 +16,7 @@ from celery import Celery
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import APIError, model_not_found, no_live_worker, queue_full
+from api.metrics import JobFigures, Metrics
 from api.replies import AnyEvent, ReplyRouter, next_event
 from broker.celery_app import GENERATE_TASK
 from broker.control import request_cancel
@@ -39,13 +40,41 @@ class RunningJob:
     started: Started
     _queue: asyncio.Queue[AnyEvent]
     _jobs: "Jobs"
+    accepted_at: float  # monotonic, when the API took the request
     finished: bool = False
     failed: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
     _open_choices: set[int] = field(default_factory=set)
+    _first_token_at: float | None = None
+    _last_token_at: float | None = None
+    _gaps: list[float] = field(default_factory=list)
+    _tokens: dict[int, int] = field(default_factory=dict)  # choice -> tokens so far
+    _reasons: list[str] = field(default_factory=list)
+    _error_code: str | None = None
 
     def __post_init__(self) -> None:
         self._open_choices = set(range(self.job.n))
+
+    @property
+    def metrics(self) -> Metrics:
+        return self._jobs.metrics
+
+    def _track(self, ev: Delta | Done | Error) -> None:
+        """Timings for metrics and the request log line."""
+        now = time.monotonic()
+        if isinstance(ev, Delta) and ev.completion_tokens > self._tokens.get(ev.index, 0):
+            new = ev.completion_tokens - self._tokens.get(ev.index, 0)
+            self._tokens[ev.index] = ev.completion_tokens
+            if self._first_token_at is None:
+                self._first_token_at = now
+            elif self._last_token_at is not None:
+                self._gaps.extend([(now - self._last_token_at) / new] * new)
+            self._last_token_at = now
+        elif isinstance(ev, Done):
+            self._tokens[ev.index] = ev.usage.completion_tokens
+            self._reasons.append(ev.finish_reason)
+        elif isinstance(ev, Error):
+            self._error_code = ev.code or ev.error_type
 
     @property
     def job_id(self) -> str:
@@ -71,6 +100,8 @@ class RunningJob:
                 )
                 return
             silent_since = time.monotonic()
+            if isinstance(ev, Delta | Done | Error):
+                self._track(ev)
             if isinstance(ev, Done):
                 self._open_choices.discard(ev.index)
             if isinstance(ev, Error):
@@ -81,17 +112,41 @@ class RunningJob:
                 yield ev
 
     async def close(self) -> None:
-        """Always called: cancels the job on the worker unless it finished."""
-        await self._jobs.release(self.job_id, cancel=not self.finished)
+        """Always called: cancels the job on the worker unless it finished,
+        then records the request's metrics and its one log line."""
+        cancelled = not self.finished
+        await self._jobs.release(self.job_id, cancel=cancelled)
+        now = time.monotonic()
+        status = "cancelled" if cancelled else f"error:{self._error_code}" if self.failed else ",".join(self._reasons)
+        figures = JobFigures(
+            model=self.job.model, prompt_tokens=self.started.prompt_tokens,
+            completion_tokens=sum(self._tokens.values()), queue_s=self.started.queue_s,
+            first_token_s=None if self._first_token_at is None else self._first_token_at - self.accepted_at,
+            total_s=now - self.accepted_at, token_gaps_s=self._gaps,
+            finish_reason=None if cancelled or self.failed else self._reasons[0] if self._reasons else None,
+        )
+        self._jobs.metrics.observe_job(figures)
+        ttft = "-" if figures.first_token_s is None else f"{figures.first_token_s:.3f}"
+        log.info(
+            "job %s model=%s worker=%s status=%s prompt_tokens=%d completion_tokens=%d queue_s=%.3f ttft_s=%s "
+            "total_s=%.3f", self.job_id, self.job.model, self.started.worker, status, figures.prompt_tokens,
+            figures.completion_tokens, figures.queue_s, ttft, figures.total_s,
+            extra={"job_id": self.job_id, "model": self.job.model, "worker": self.started.worker, "status": status,
+                   "prompt_tokens": figures.prompt_tokens, "completion_tokens": figures.completion_tokens,
+                   "queue_s": round(figures.queue_s, 4), "ttft_s": figures.first_token_s,
+                   "total_s": round(figures.total_s, 4)},
+        )
 
 
 class Jobs:
     """Built once at start-up and kept on ``app.state``."""
 
     def __init__(
-        self, settings: Settings, r: aioredis.Redis, keys: Keys, registry: Registry, router: ReplyRouter, celery: Celery
+        self, settings: Settings, r: aioredis.Redis, keys: Keys, registry: Registry, router: ReplyRouter, celery: Celery,
+        metrics: Metrics,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics
         self._redis = r
         self._keys = keys
         self._registry = registry
@@ -111,6 +166,7 @@ class Jobs:
         prompt: str | list[int] | None = None,
         id_prefix: str,
     ) -> RunningJob:
+        accepted_at = time.monotonic()
         queue = await self._admit(model, "chat")
         job = Job(
             job_id=f"{id_prefix}-{uuid.uuid4().hex}",
@@ -133,7 +189,7 @@ class Jobs:
             await self.release(job.job_id, cancel=True)
             raise
         if isinstance(first, Started):
-            return RunningJob(job=job, started=first, _queue=q, _jobs=self)
+            return RunningJob(job=job, started=first, _queue=q, _jobs=self, accepted_at=accepted_at)
         await self.release(job.job_id, cancel=first is None)
         if isinstance(first, Error):
             raise error_from_event(first)

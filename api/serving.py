@@ -167,6 +167,7 @@ async def stream(run: RunningJob, shape: Shape, include_usage: bool) -> AsyncIte
                 yield _sse(shape.final(run, ev))
             elif isinstance(ev, Error):
                 # Mid-stream errors keep OpenAI's error shape; the SDK raises on them.
+                run.metrics.observe_error(ev.status, ev.code)
                 yield _sse(error_from_event(ev).body())
         if include_usage and run.finished and not run.failed:
             yield _sse(shape.usage(run, usage_info(run.started.prompt_tokens, completion_tokens)))

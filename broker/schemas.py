@@ -164,6 +164,7 @@ class ModelInfo(Strict):
     queue: str
     context_length: int
     kind: ModelKind
+    running: int = Field(default=0, description="this model's jobs running on the worker")
 
 
 class Heartbeat(Strict):
@@ -174,6 +175,7 @@ class Heartbeat(Strict):
     capacity: int = Field(description="jobs the worker runs at once (its batch cap)")
     running: int
     tokens_per_s: float
+    step_s: float = Field(default=0.0, description="recent mean engine step time")
     version: str
     started_at: float
     beat_at: float

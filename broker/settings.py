@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     claim_ttl_s: int = Field(default=3600, ge=1)
     # How long the API waits for the first event of a job (queue time included)
     # and then for each next one, before it gives up with a 504 / error event.
+    # On a warm shutdown a worker finishes running jobs for at most this long.
+    drain_timeout_s: float = Field(default=60.0, ge=0)
     first_event_timeout_s: float = Field(default=600.0, gt=0)
     event_timeout_s: float = Field(default=120.0, gt=0)
 

@@ -24,11 +24,15 @@ def api(
     """Run the OpenAI-compatible API (settings from LLMQ_* variables)."""
     import uvicorn
 
+    from api.logs import logging_config
+    from broker.settings import Settings
+
     if api_key:
         # The app factory builds its Settings from the environment.
         os.environ["LLMQ_API_KEYS"] = ",".join(api_key)
+    log_config = logging_config(Settings().log_format, log_level.upper())
 
-    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, log_level=log_level)
+    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, log_level=log_level, log_config=log_config)
 
 
 def worker_argv(model_paths: list[str], model_names: list[str], concurrency: int, extra: list[str]) -> list[str]:
@@ -86,6 +90,33 @@ def up(
     from cli.up import run_stack
 
     raise typer.Exit(run_stack(api_port=port, flower_port=flower_port, redis_port=redis_port))
+
+
+@app.command()
+def chat(
+    base_url: Annotated[str, typer.Option(help="llmq's OpenAI API")] = "http://127.0.0.1:8000/v1",
+    api_key: Annotated[str, typer.Option(envvar="OPENAI_API_KEY", help="Bearer key")] = "none",
+    model: Annotated[str | None, typer.Option(help="model (default: the first chat model served)")] = None,
+    system: Annotated[str | None, typer.Option(help="system prompt")] = None,
+    temperature: Annotated[float | None, typer.Option(help="sampling temperature (0 is greedy)")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="most tokens per answer")] = None,
+    no_history: Annotated[bool, typer.Option("--no-history", help="send each turn alone")] = False,
+    multiline: Annotated[bool, typer.Option("--multiline", help="input ends with an empty line")] = False,
+) -> None:
+    """Chat in the terminal: streamed Markdown answers, history, !!exit !!reset !!remove !!regen !!save !!load."""
+    from cli.chat import ChatOptions, run
+
+    raise typer.Exit(run(ChatOptions(base_url=base_url, api_key=api_key, model=model, system=system,
+                                      temperature=temperature, max_tokens=max_tokens, no_history=no_history,
+                                      multiline=multiline)))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
+def bench(ctx: typer.Context) -> None:
+    """Benchmark a running stack against the one-at-a-time baseline (`llmq bench compare --help`)."""
+    from bench.__main__ import main as bench_main
+
+    raise typer.Exit(bench_main(list(ctx.args)))
 
 
 def main() -> None:

@@ -107,6 +107,7 @@ def run_stack(*, api_port: int, flower_port: int, redis_port: int) -> int:
         _wait_model(api_port, EMBEDDING_MODEL_NAME, embedder)
         console.print(f"""
 [bold green]llmq is up[/]
+  Web chat                 http://127.0.0.1:{api_port}/
   API (OpenAI-compatible)  http://127.0.0.1:{api_port}/v1
   API docs                 http://127.0.0.1:{api_port}/docs
   Flower (queues, tasks)   http://127.0.0.1:{flower_port}

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # System packages llmq needs: redis-server (the broker, and what the tests
-# start on a free port). Installed with apt on Debian/Ubuntu when missing;
-# elsewhere, say what to install and stop.
+# start on a free port) and chromium (the headless browser that the web page
+# tests drive through Playwright, at /usr/bin/chromium). Installed with apt on
+# Debian/Ubuntu when missing; elsewhere, say what to install and stop (not for
+# chromium alone: without it the web page tests skip).
 set -euo pipefail
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 [ ${#need[@]} -eq 0 ] && exit 0
 if command -v apt-get >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -13,6 +16,7 @@ if command -v apt-get >/dev/null 2>&1; then
   # Debian starts the packaged service on 6379; llmq starts its own.
   if command -v systemctl >/dev/null 2>&1; then $SUDO systemctl disable --now redis-server >/dev/null 2>&1 || true; fi
 else
-  echo "llmq needs: ${need[*]} (macOS: brew install redis)" >&2
+  echo "llmq needs: ${need[*]} (macOS: brew install redis; without chromium the web page tests skip)" >&2
+  [ "${need[*]}" = "chromium" ] && exit 0
   exit 1
 fi

@@ -66,7 +66,8 @@ class Proc:
 
 def spawn(name: str, argv: list[str], env: dict[str, str]) -> Proc:
     ARTIFACTS.mkdir(exist_ok=True)
-    log = ARTIFACTS / f"{name}.log"
+    # The pid of the test session keeps logs of concurrent test runs apart.
+    log = ARTIFACTS / f"{name}-{os.getpid()}.log"
     out = open(log, "wb")
     popen = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
                              stdout=out, stderr=subprocess.STDOUT)
@@ -86,9 +87,9 @@ def start_redis(tmp: Path) -> tuple[Proc, int]:
     return proc, port
 
 
-def start_api(env: dict[str, str], name: str = "api") -> tuple[Proc, str]:
+def start_api(env: dict[str, str], name: str = "api", log_level: str = "warning") -> tuple[Proc, str]:
     port = free_port()
-    proc = spawn(name, [sys.executable, "-m", "cli.main", "api", "--port", str(port), "--log-level", "warning"], env)
+    proc = spawn(name, [sys.executable, "-m", "cli.main", "api", "--port", str(port), "--log-level", log_level], env)
     base = f"http://127.0.0.1:{port}"
     wait_for(lambda: httpx.get(f"{base}/health", timeout=1).status_code == 200, 30, name, proc)
     return proc, base

@@ -35,6 +35,7 @@ log = logging.getLogger("llmq.worker.engine")
 
 PAGE_SIZE = 256
 THROUGHPUT_WINDOW_S = 10.0
+STEP_GAP_S = 2.0  # longer gaps between deliveries are idle time, not steps
 
 
 @dataclass(eq=False)
@@ -70,8 +71,14 @@ class _StepRouter(OutputRouter):
     def __init__(self, steps: queue.Queue[list[GenerationOutput]]) -> None:
         super().__init__()
         self._steps = steps
+        self._last = 0.0
+        self.step_times: deque[float] = deque(maxlen=32)
 
     def deliver_batch(self, outputs: list[GenerationOutput]) -> None:
+        now = time.monotonic()
+        if now - self._last < STEP_GAP_S:  # back-to-back steps: the gap is one step's time
+            self.step_times.append(now - self._last)
+        self._last = now
         self._steps.put(outputs)
 
     def deliver(self, output: GenerationOutput) -> None:
@@ -124,7 +131,8 @@ class Engine:
             generation_config=gen_config, continuous_batching_config=cb_config
         )
         install(self._manager, self.sampler)
-        self._manager.output_router = _StepRouter(self._steps)
+        self._router = _StepRouter(self._steps)
+        self._manager.output_router = self._router
         self._pump = threading.Thread(target=self._pump_loop, name=f"llmq-pump-{lm.names[0]}", daemon=True)
 
     def __repr__(self) -> str:
@@ -137,10 +145,21 @@ class Engine:
         self._pump.start()
 
     def stop(self) -> None:
+        """Stop the engine; jobs still running end with an error event."""
         self._stopping.set()
         self._manager.stop(block=True, timeout=10)
         with self._lock:
             runs = list(self._runs.values())
+        if runs:
+            log.warning("stopping with %d running job(s); they end with an error", len(runs))
+            events = [(r.job.reply_channel, Error(
+                job_id=r.job.job_id, seq=self._seq.next(r.job.job_id), status=503, error_type="server_error",
+                code="worker_shutdown", message="The worker running this job shut down before it finished.",
+            )) for r in runs]
+            try:
+                self._publisher.publish(events)
+            except Exception:
+                log.exception("could not tell %d job(s) that the worker stops", len(runs))
         for run in runs:
             self._end(run, "cancelled")
 
@@ -148,6 +167,14 @@ class Engine:
     def running(self) -> int:
         with self._lock:
             return len(self._runs)
+
+    def running_for(self, name: str) -> int:
+        with self._lock:
+            return sum(1 for r in self._runs.values() if r.job.model == name)
+
+    def step_s(self) -> float:
+        times = list(self._router.step_times)
+        return sum(times) / len(times) if times else 0.0
 
     def tokens_per_s(self) -> float:
         now = time.monotonic()

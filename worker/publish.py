@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import redis
 
-from broker.schemas import Delta, Done, Error, Started
+from collections.abc import Sequence
+
+from broker.schemas import AnyEvent
 
 
 class Publisher:
     def __init__(self, r: redis.Redis) -> None:
         self._redis = r
 
-    def publish(self, events: list[tuple[str, Started | Delta | Done | Error]]) -> list[int]:
+    def publish(self, events: Sequence[tuple[str, AnyEvent]]) -> list[int]:
         """Publish in order; returns, per event, how many subscribers got it."""
         with self._redis.pipeline(transaction=False) as pipe:
             for channel, event in events:

@@ -72,9 +72,16 @@ class Runtime:
         log.info("worker %s serving %s", self.worker_id, ", ".join([*self.engines, *self.embedders]))
 
     def stop(self) -> None:
-        self._stopping.set()
+        """Warm shutdown: Celery has stopped consuming; leave the registry,
+        let running jobs finish (up to ``drain_timeout_s``), then end the rest
+        with an error event so no client waits for a worker that is gone."""
         self.heart.stop()
-        for engine in self._unique_engines():
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        engines = self._unique_engines()
+        while any(e.running for e in engines) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self._stopping.set()
+        for engine in engines:
             engine.stop()
 
     def heartbeat(self) -> Heartbeat:
@@ -82,7 +89,8 @@ class Runtime:
         return Heartbeat(
             worker_id=self.worker_id,
             models=[
-                ModelInfo(name=name, queue=queue_name(name), context_length=e.lm.context_length, kind="chat")
+                ModelInfo(name=name, queue=queue_name(name), context_length=e.lm.context_length, kind="chat",
+                          running=e.running_for(name))
                 for name, e in self.engines.items()
             ] + [
                 ModelInfo(name=name, queue=queue_name(name), context_length=m.context_length, kind="embedding")
@@ -92,6 +100,7 @@ class Runtime:
             capacity=self.options.max_batch_size,
             running=sum(e.running for e in engines),
             tokens_per_s=round(sum(e.tokens_per_s() for e in engines), 2),
+            step_s=round(max((e.step_s() for e in engines), default=0.0), 4),
             version=__version__,
             started_at=self.started_at,
             beat_at=time.time(),

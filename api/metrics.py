@@ -1,0 +1,90 @@
+"""Prometheus metrics of the API, named as vLLM names them (``llmq:`` for
+``vllm:``) so existing dashboards carry over.
+
+Request metrics are observed when each job ends (``observe_job``). Gauges of
+running and waiting jobs per model, and each worker's own figures (batch
+size, tokens/s, engine step time, from its heartbeat), are read from Redis
+when ``/metrics`` is scraped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from broker.keys import queue_name
+from broker.registry import Registry
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobFigures:
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    queue_s: float
+    first_token_s: float | None
+    total_s: float
+    token_gaps_s: list[float]
+    finish_reason: str | None
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("llmq:time_to_first_token_seconds", "Time from request to first token.", ["model"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("llmq:inter_token_latency_seconds", "Time between output tokens.", ["model"],
+                             buckets=TOKEN_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("llmq:e2e_request_latency_seconds", "Time from request to last token.", ["model"],
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("llmq:request_queue_time_seconds", "Time a job waited in its queue.", ["model"],
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("llmq:prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
+        self.generation_tokens = Counter("llmq:generation_tokens", "Tokens generated.", ["model"], registry=r)
+        self.success = Counter("llmq:request_success", "Finished requests by finish reason.",
+                               ["model", "finished_reason"], registry=r)
+        self.errors = Counter("llmq:request_errors", "Failed requests by HTTP status and error code.",
+                              ["status", "code"], registry=r)
+        self.running = Gauge("llmq:num_requests_running", "Jobs running on workers.", ["model"], registry=r)
+        self.waiting = Gauge("llmq:num_requests_waiting", "Jobs waiting in the model's queue.", ["model"], registry=r)
+        self.workers = Gauge("llmq:num_workers", "Live workers serving the model.", ["model"], registry=r)
+        self.worker_batch = Gauge("llmq:worker_batch_size", "Jobs in the worker's batch.", ["worker"], registry=r)
+        self.worker_tps = Gauge("llmq:worker_generation_tokens_per_second", "Worker output tokens/s (10 s window).",
+                                ["worker"], registry=r)
+        self.worker_step = Gauge("llmq:worker_engine_step_seconds", "Worker's recent mean engine step time.",
+                                 ["worker"], registry=r)
+
+    def observe_job(self, f: JobFigures) -> None:
+        self.prompt_tokens.labels(f.model).inc(f.prompt_tokens)
+        self.generation_tokens.labels(f.model).inc(f.completion_tokens)
+        self.queue.labels(f.model).observe(f.queue_s)
+        if f.first_token_s is not None:
+            self.ttft.labels(f.model).observe(f.first_token_s)
+        for gap in f.token_gaps_s:
+            self.itl.labels(f.model).observe(gap)
+        if f.finish_reason is not None:
+            self.e2e.labels(f.model).observe(f.total_s)
+            self.success.labels(f.model, f.finish_reason).inc()
+
+    def observe_error(self, status: int, code: str | None) -> None:
+        self.errors.labels(str(status), code or "none").inc()
+
+    async def render(self, registry: Registry, r: aioredis.Redis) -> bytes:
+        live = await registry.live_models()
+        for gauge in (self.running, self.waiting, self.workers, self.worker_batch, self.worker_tps, self.worker_step):
+            gauge.clear()  # gone models and workers must not linger
+        for name, model in live.items():
+            self.workers.labels(name).set(len(model.workers))
+            self.waiting.labels(name).set(int(await r.llen(queue_name(name))))
+            self.running.labels(name).set(sum(m.running for w in model.workers for m in w.models if m.name == name))
+        for w in await registry.workers():
+            self.worker_batch.labels(w.worker_id).set(w.running)
+            self.worker_tps.labels(w.worker_id).set(w.tokens_per_s)
+            self.worker_step.labels(w.worker_id).set(w.step_s)
+        return generate_latest(self.registry)

@@ -1,0 +1,93 @@
+"""The HTTP run: N concurrent streaming clients against a running stack's
+``/chat/completions``, each taking the next request as soon as its last one
+ends (a closed loop, so the server always has N requests to batch)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from bench.sse import SSEParser, StreamRecorder
+from bench.stats import Figures, RequestResult, summarise
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    base_url: str
+    model: str
+    prompt: str
+    concurrency: int = 16
+    requests: int = 32
+    max_tokens: int = 64
+    temperature: float = 0.7
+    api_key: str | None = None
+    timeout_s: float = 600.0
+    warmup: int = 1
+
+
+def payload(cfg: HttpConfig, max_tokens: int | None = None) -> dict[str, Any]:
+    # No ignore_eos in the API: usage counts the real tokens instead, and a
+    # prompt that asks for a long answer keeps most requests at max_tokens.
+    return {
+        "model": cfg.model,
+        "messages": [{"role": "user", "content": cfg.prompt}],
+        "max_tokens": max_tokens or cfg.max_tokens,
+        "temperature": cfg.temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> RequestResult:
+    rec = StreamRecorder(time.perf_counter())
+    try:
+        async with client.stream("POST", url, json=body) as resp:
+            if resp.status_code != 200:
+                await resp.aread()
+                rec.result.error = f"http_{resp.status_code}"
+                return rec.finish(time.perf_counter())
+            parser = SSEParser()
+            async for raw in resp.aiter_bytes():  # decoded if the server compresses
+                # One clock read per network chunk: the events in it arrived together.
+                now = time.perf_counter()
+                for data in parser.feed(raw):
+                    rec.on_data(now, data)
+            for data in parser.close():
+                rec.on_data(time.perf_counter(), data)
+    except httpx.HTTPError as exc:
+        rec.result.error = type(exc).__name__
+    return rec.finish(time.perf_counter())
+
+
+async def run_async(cfg: HttpConfig) -> Figures:
+    url = cfg.base_url.rstrip("/") + "/chat/completions"
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    limits = httpx.Limits(max_connections=cfg.concurrency + 1, max_keepalive_connections=cfg.concurrency + 1)
+    timeout = httpx.Timeout(cfg.timeout_s, connect=10.0)
+    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=timeout) as client:
+        for _ in range(cfg.warmup):
+            # A short request first: fails fast on a wrong URL or model name, and
+            # opens a connection so the timed run does not start with a cold API.
+            warm = await one_request(client, url, payload(cfg, max_tokens=4))
+            if warm.error is not None:
+                raise RuntimeError(f"warm-up request to {url} failed: {warm.error}")
+
+        remaining = iter(range(cfg.requests))
+        results: list[RequestResult] = []
+
+        async def client_loop() -> None:
+            for _ in remaining:  # the shared iterator hands each request to exactly one loop
+                results.append(await one_request(client, url, payload(cfg)))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client_loop() for _ in range(min(cfg.concurrency, cfg.requests))))
+        wall = time.perf_counter() - t0
+    return summarise("http", results, wall, cfg.concurrency, cfg.max_tokens)
+
+
+def run(cfg: HttpConfig) -> Figures:
+    return asyncio.run(run_async(cfg))

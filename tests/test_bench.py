@@ -1,0 +1,182 @@
+"""The benchmark's own arithmetic and SSE parsing, plus one real baseline run.
+Speed itself is never asserted here: figures are printed by ``python -m bench``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.sse import SSEParser, StreamRecorder, classify
+from bench.stats import RequestResult, itl_per_token, percentile, summarise
+
+ROOT = Path(__file__).resolve().parents[1]
+
+DEMO = ROOT / "models" / "smollm2-135m-instruct"
+
+
+def _chunk(delta: dict[str, object] | None, finish: str | None = None, usage: dict[str, int] | None = None) -> str:
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+    return json.dumps({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+                       "model": "m", "choices": choices, "usage": usage}, separators=(",", ":"))
+
+
+# The shape llmq's API streams (recorded with curl, ids shortened): role first,
+# content deltas, a finish chunk with null content, the usage chunk, [DONE].
+RECORDED = [
+    _chunk({"role": "assistant", "content": ""}),
+    _chunk({"role": None, "content": "Hello"}),
+    _chunk({"role": None, "content": "!"}),
+    _chunk({"role": None, "content": " How are"}),  # two tokens in one chunk
+    _chunk({"role": None, "content": None}, finish="length"),
+    _chunk(None, usage={"prompt_tokens": 31, "completion_tokens": 4, "total_tokens": 35}),
+    "[DONE]",
+]
+
+
+def _stream(sep: bytes) -> bytes:
+    return b"".join(b"data: " + d.encode() + sep + sep for d in RECORDED)
+
+
+# -- percentiles -------------------------------------------------------------
+
+def test_percentile_matches_numpy_linear() -> None:
+    xs = [5.0, 1.0, 4.0, 2.0, 3.0]
+    assert percentile(xs, 50) == 3.0
+    assert percentile(xs, 0) == 1.0
+    assert percentile(xs, 100) == 5.0
+    assert percentile(xs, 25) == 2.0
+    assert percentile([1.0, 2.0], 50) == 1.5
+    assert percentile(list(map(float, range(1, 101))), 99) == pytest.approx(99.01)
+
+
+def test_percentile_edges() -> None:
+    assert percentile([], 50) is None
+    assert percentile([7.0], 99) == 7.0
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+# -- inter-token latency -------------------------------------------------------
+
+def test_itl_one_token_per_chunk() -> None:
+    assert itl_per_token([0.0, 0.1, 0.3, 0.6], 4) == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_itl_normalised_when_chunks_hold_several_tokens() -> None:
+    # 3 chunks, 6 tokens: 2 tokens a chunk, so each gap counts as two tokens' time.
+    assert itl_per_token([0.0, 0.2, 0.6], 6) == pytest.approx([0.1, 0.2])
+
+
+def test_itl_needs_two_chunks_and_never_inflates() -> None:
+    assert itl_per_token([], 5) == []
+    assert itl_per_token([1.0], 5) == []
+    # A count below the chunk count is wrong; gaps stay as measured.
+    assert itl_per_token([0.0, 0.5], 1) == pytest.approx([0.5])
+    assert itl_per_token([0.0, 0.5], None) == pytest.approx([0.5])
+
+
+def test_summarise_counts_only_good_requests() -> None:
+    good = RequestResult(t_send=0.0, t_first=0.5, chunk_times=[0.5, 0.6, 0.7], completion_tokens=3,
+                         prompt_tokens=10, finish_reason="length")
+    good2 = RequestResult(t_send=1.0, t_first=2.0, chunk_times=[2.0, 2.2], completion_tokens=2,
+                          prompt_tokens=10, finish_reason="stop")
+    bad = RequestResult(t_send=0.0, error="http_429")
+    f = summarise("http", [good, good2, bad], wall_s=2.5, concurrency=3, max_tokens=3)
+    assert (f.requests, f.ok, f.errors, f.error_kinds) == (3, 2, 1, {"http_429": 1})
+    assert f.output_tokens == 5
+    assert f.tokens_per_s == pytest.approx(2.0)
+    assert f.requests_per_s == pytest.approx(0.8)
+    assert f.ttft_p50_s == pytest.approx(0.75)
+    assert f.itl_p50_s == pytest.approx(0.1)  # gaps 0.1, 0.1, 0.2
+    assert f.hit_max_tokens == 1
+    assert f.mean_prompt_tokens == 10
+
+
+# -- SSE ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("sep", [b"\n", b"\r\n", b"\r"])
+@pytest.mark.parametrize("step", [1, 2, 7, 10_000])
+def test_parser_any_split_any_line_end(sep: bytes, step: int) -> None:
+    raw = _stream(sep)
+    p = SSEParser()
+    events: list[str] = []
+    for i in range(0, len(raw), step):
+        events += p.feed(raw[i : i + step])
+    events += p.close()
+    assert events == RECORDED
+
+
+def test_parser_comments_multiline_and_unterminated() -> None:
+    p = SSEParser()
+    raw = b": ping\r\n\r\nevent: x\ndata: a\ndata:b\nid: 3\n\ndata: lost"
+    assert p.feed(raw) == ["a\nb"]
+    assert p.close() == []  # no blank line after it: not an event
+
+
+def test_parser_keeps_multibyte_characters_split_across_chunks() -> None:
+    raw = ("data: " + json.dumps({"x": "é✓"}, ensure_ascii=False) + "\n\n").encode()
+    p = SSEParser()
+    out = [e for b in raw for e in p.feed(bytes([b]))]
+    assert json.loads(out[0]) == {"x": "é✓"}
+
+
+def test_classify() -> None:
+    assert classify("[DONE]").done
+    c = classify(RECORDED[3])
+    assert (c.content, c.finish_reason, c.usage) == (" How are", None, None)
+    assert classify(RECORDED[4]).finish_reason == "length"
+    assert classify(RECORDED[5]).usage == {"prompt_tokens": 31, "completion_tokens": 4, "total_tokens": 35}
+    err = json.dumps({"error": {"message": "m", "type": "server_error", "code": "engine_error"}})
+    assert classify(err).error == "event:engine_error"
+    assert classify("{not json").error == "bad_json"
+
+
+def test_recorder_on_recorded_stream() -> None:
+    rec = StreamRecorder(t_send=10.0)
+    for i, data in enumerate(RECORDED):
+        rec.on_data(10.0 + 0.5 + 0.1 * i, data)
+    r = rec.finish(11.5)
+    assert r.ok
+    assert r.ttft == pytest.approx(0.6)  # the role chunk (i=0) has empty content; "Hello" is i=1
+    assert r.chunk_times == pytest.approx([10.6, 10.7, 10.8])
+    assert (r.completion_tokens, r.prompt_tokens, r.finish_reason) == (4, 31, "length")
+    # 4 tokens over 3 chunks: each 0.1 s gap is 4/3 tokens.
+    assert itl_per_token(r.chunk_times, r.completion_tokens) == pytest.approx([0.075, 0.075])
+
+
+@pytest.mark.parametrize(
+    ("payloads", "error"),
+    [
+        (RECORDED[:-1], "no_done"),  # cut off before [DONE]
+        (RECORDED[:5] + ["[DONE]"], "no_usage"),  # include_usage ignored: tokens cannot be counted
+        (RECORDED[:2] + [json.dumps({"error": {"type": "server_error", "code": "worker_lost"}}), "[DONE]"],
+         "event:worker_lost"),
+    ],
+)
+def test_recorder_errors(payloads: list[str], error: str) -> None:
+    rec = StreamRecorder(t_send=0.0)
+    for data in payloads:
+        rec.on_data(1.0, data)
+    assert rec.finish(2.0).error == error
+
+
+# -- the real baseline ---------------------------------------------------------
+
+@pytest.mark.skipif(not (DEMO / "config.json").is_file(),
+                    reason=f"demo model not built at {DEMO} (run `llmq demo-model` or `make test`)")
+def test_baseline_real_model_one_request() -> None:
+    from bench.baseline import BaselineConfig, run
+
+    f = run(BaselineConfig(model_path=str(DEMO), prompt="Write a long story about a lighthouse keeper.",
+                           requests=1, max_tokens=8, warmup=0, seed=0))
+    assert (f.requests, f.ok, f.errors) == (1, 1, 0)
+    # 8 tokens, or fewer only if the model stopped on EOS.
+    assert f.output_tokens == 8 or (0 < f.output_tokens < 8 and f.hit_max_tokens == 0)
+    assert f.tokens_per_s > 0 and f.requests_per_s > 0 and f.wall_s > 0
+    assert f.ttft_p50_s is not None and f.ttft_p50_s > 0
+    assert f.ttft_p99_s is not None and f.ttft_p99_s >= f.ttft_p50_s
+    if f.output_tokens > 1:
+        assert f.itl_p50_s is not None and f.itl_p50_s > 0
+    assert f.mean_prompt_tokens is not None and f.mean_prompt_tokens > 0
