@@ -46,6 +46,9 @@ class Settings(BaseSettings):
         default_factory=lambda: ["authorization", "content-type"]
     )
     log_format: Literal["text", "json"] = "text"
+    # Request limits: bigger bodies get 413, longer conversations 400.
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_messages: int = Field(default=1024, ge=1)
 
     @field_validator("api_keys", "cors_allow_origins", "cors_allow_methods", "cors_allow_headers", mode="before")
     @classmethod
