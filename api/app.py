@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from fastapi.middleware.cors import CORSMiddleware
 
-from api import errors, health, web
+from api import errors, health, limits, web
 from api.jobs import Jobs
 from api.metrics import Metrics
 from api.replies import ReplyRouter
@@ -27,6 +27,9 @@ from broker.settings import Settings
 
 log = logging.getLogger("llmq.api")
 
+REDIS_MAX_CONNECTIONS = 64
+REDIS_POOL_TIMEOUT_S = 20
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
@@ -35,7 +38,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         keys = Keys(settings.key_prefix)
-        r = aioredis.from_url(settings.redis_url)
+        # A blocking pool: under a flood, requests wait for a connection
+        # instead of failing with "Too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=REDIS_MAX_CONNECTIONS, timeout=REDIS_POOL_TIMEOUT_S
+        )
+        r = aioredis.Redis(connection_pool=pool)
         replies = ReplyRouter(r, keys.reply_channel(instance))
         await replies.start()
         registry = Registry(r, keys, settings.registry_cache_s)
@@ -54,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics()
     errors.install(app)
+    limits.install(app, settings)
     if settings.cors_allow_origins:
         app.add_middleware(
             CORSMiddleware,

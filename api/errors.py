@@ -13,6 +13,9 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from kombu.exceptions import OperationalError as KombuOperationalError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("llmq.api")
@@ -118,7 +121,17 @@ async def _api_error(request: Request, exc: APIError) -> JSONResponse:
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    return APIError(exc.status_code, str(exc.detail), type=kind).response()
+    return APIError(exc.status_code, _body_problem(exc.__cause__) or str(exc.detail), type=kind).response()
+
+
+def _body_problem(cause: BaseException | None) -> str | None:
+    # FastAPI answers every body it cannot decode with "There was an error
+    # parsing the body", keeping the reason as the cause: name it.
+    if isinstance(cause, UnicodeDecodeError):
+        return f"The request body is not valid UTF-8 ({cause.reason} at byte {cause.start}); send JSON as UTF-8."
+    if isinstance(cause, RecursionError):
+        return "The JSON body is nested too deeply to parse."
+    return None
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -127,8 +140,18 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return APIError(500, "The server had an internal error; the log has the details.", type="server_error").response()
 
 
+async def _broker_down(request: Request, exc: Exception) -> JSONResponse:
+    # Redis (the registry and the queues) is unreachable: nothing can be served now.
+    log.warning("503 %s %s: Redis unreachable: %s", request.method, request.url.path, exc)
+    _count(request, 503, "broker_unavailable")
+    return APIError(503, "The job queue (Redis) is unreachable; retry shortly.", type="service_unavailable_error",
+                    code="broker_unavailable", headers={"Retry-After": "1"}).response()
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(APIError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    for broker_error in (RedisConnectionError, RedisTimeoutError, KombuOperationalError):
+        app.add_exception_handler(broker_error, _broker_down)
     app.add_exception_handler(Exception, _unexpected)

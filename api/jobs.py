@@ -8,10 +8,11 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 from celery import Celery
 from starlette.concurrency import run_in_threadpool
 
@@ -19,7 +20,7 @@ from api.errors import APIError, model_not_found, no_live_worker, queue_full
 from api.metrics import JobFigures, Metrics
 from api.replies import AnyEvent, ReplyRouter, next_event
 from broker.celery_app import GENERATE_TASK
-from broker.control import request_cancel
+from broker.control import admit, leave_waiting, request_cancel
 from broker.keys import Keys, queue_name
 from broker.registry import Registry
 from broker.schemas import Delta, Done, Embeddings, Error, Job, Message, Sampling, Started
@@ -27,9 +28,18 @@ from broker.settings import Settings
 
 log = logging.getLogger("llmq.api.jobs")
 
+# A job whose worker dies before its first token is sent again, this often.
+MAX_RESUBMITS = 2
+# How often a job waiting in the queue looks whether its client is still there.
+CLIENT_POLL_S = 0.5
+
 
 def error_from_event(ev: Error) -> APIError:
     return APIError(ev.status, ev.message, type=ev.error_type, code=ev.code, param=ev.param)
+
+
+class Restarted:
+    """Yielded by ``RunningJob.events`` when the job was resubmitted."""
 
 
 @dataclass
@@ -51,9 +61,12 @@ class RunningJob:
     _tokens: dict[int, int] = field(default_factory=dict)  # choice -> tokens so far
     _reasons: list[str] = field(default_factory=list)
     _error_code: str | None = None
+    attempt: int = 0
+    public_id: str = ""
 
     def __post_init__(self) -> None:
         self._open_choices = set(range(self.job.n))
+        self.public_id = self.public_id or self.job.job_id
 
     @property
     def metrics(self) -> Metrics:
@@ -78,27 +91,41 @@ class RunningJob:
 
     @property
     def job_id(self) -> str:
-        return self.job.job_id
+        """The id the client sees; a resubmitted job keeps it."""
+        return self.public_id
 
-    async def events(self, tick_s: float | None = None) -> AsyncIterator[Delta | Done | Error | None]:
-        """Deltas and each choice's Done until all are done or an Error; with ``tick_s``, also None after each
-        ``tick_s`` without an event, so the caller can look at its client.
-        A worker silent for ``event_timeout_s`` ends the job with an Error,
-        so no client ever hangs."""
-        limit = self._jobs.settings.event_timeout_s
+    async def events(self, tick_s: float | None = None, *, client_saw_tokens: bool = True
+                     ) -> AsyncIterator[Delta | Done | Error | Restarted | None]:
+        """Deltas and each choice's Done until all are done or an Error.
+
+        With ``tick_s``, also None after each ``tick_s`` without an event, so
+        the caller can look at its client. Between events the worker's
+        heartbeat is watched: if the worker dies, a job that sent no token
+        yet is resubmitted (a ``Restarted`` marker tells the caller to drop
+        what it collected; with ``client_saw_tokens=False`` that holds for
+        tokens that never left the API), otherwise it ends with an Error. A live worker
+        silent for ``event_timeout_s`` ends it too: no client ever hangs."""
+        settings = self._jobs.settings
+        limit = settings.event_timeout_s
+        poll = min(tick_s or limit, settings.heartbeat_ttl_s / 2, limit)
         silent_since = time.monotonic()
         while not self.finished:
-            ev = await next_event(self._queue, min(tick_s or limit, limit))
+            ev = await next_event(self._queue, poll)
+            if ev is not None and ev.job_id != self.job.job_id:
+                continue  # a late event of an attempt given up on
             if ev is None:
-                if time.monotonic() - silent_since < limit:
+                if not await self._jobs.worker_alive(self.started.worker):
+                    ev = await self._worker_lost(client_saw_tokens)
+                    if ev is None:  # resubmitted; a new worker has started it
+                        silent_since = time.monotonic()
+                        yield Restarted()
+                        continue
+                elif time.monotonic() - silent_since < limit:
                     yield None
                     continue
-                self.finished = self.failed = True
-                yield Error(
-                    job_id=self.job_id, seq=0, status=504, error_type="server_error", code="worker_timeout",
-                    message=f"The worker sent nothing for {limit:.0f} s; the job was abandoned.",
-                )
-                return
+                else:
+                    ev = self._error(504, "worker_timeout", f"The worker sent nothing for {limit:.0f} s; "
+                                     "the job was abandoned.")
             silent_since = time.monotonic()
             if isinstance(ev, Delta | Done | Error):
                 self._track(ev)
@@ -111,11 +138,34 @@ class RunningJob:
             if isinstance(ev, Delta | Done | Error):
                 yield ev
 
+    def _error(self, status: int, code: str, message: str) -> Error:
+        return Error(job_id=self.job.job_id, seq=0, status=status, error_type="server_error", code=code,
+                     message=message)
+
+    async def _worker_lost(self, client_saw_tokens: bool) -> Error | None:
+        """The worker running this job is gone (its heartbeat expired)."""
+        dead = self.started.worker
+        if (self._tokens and client_saw_tokens) or self.attempt >= MAX_RESUBMITS:
+            log.warning("job %s: worker %s died after %d tokens; ending the job", self.job_id, dead,
+                        sum(self._tokens.values()))
+            return self._error(502, "worker_lost", f"The worker running this job ({dead}) stopped before it "
+                               "finished; the answer is incomplete. Retry the request.")
+        self.attempt += 1
+        log.warning("job %s: worker %s died before the client got a token; resubmitting (attempt %d)", self.job_id,
+                    dead, self.attempt + 1)
+        self._tokens.clear()
+        self._open_choices = set(range(self.job.n))
+        try:
+            self.job, self.started = await self._jobs.resubmit(self.job, self._queue, self.attempt)
+        except APIError as exc:
+            return self._error(exc.status, exc.code or "resubmit_failed", exc.message)
+        return None
+
     async def close(self) -> None:
         """Always called: cancels the job on the worker unless it finished,
         then records the request's metrics and its one log line."""
         cancelled = not self.finished
-        await self._jobs.release(self.job_id, cancel=cancelled)
+        await self._jobs.release(self.job.job_id, cancel=cancelled)
         now = time.monotonic()
         status = "cancelled" if cancelled else f"error:{self._error_code}" if self.failed else ",".join(self._reasons)
         figures = JobFigures(
@@ -165,11 +215,17 @@ class Jobs:
         messages: list[Message] | None = None,
         prompt: str | list[int] | None = None,
         id_prefix: str,
+        client_gone: Callable[[], Awaitable[bool]] | None = None,
     ) -> RunningJob:
+        """Enqueue a generation job and wait until a worker starts it.
+        ``client_gone`` is polled meanwhile: a client that leaves while its
+        job waits in the queue cancels it, so it costs no generation."""
         accepted_at = time.monotonic()
         queue = await self._admit(model, "chat")
+        job_id = f"{id_prefix}-{uuid.uuid4().hex}"
+        await self._enter_queue(model, job_id)
         job = Job(
-            job_id=f"{id_prefix}-{uuid.uuid4().hex}",
+            job_id=job_id,
             model=model,
             kind=kind,  # type: ignore[arg-type]
             messages=messages,
@@ -184,10 +240,12 @@ class Jobs:
         q = self._router.open(job.job_id)
         try:
             await run_in_threadpool(self._send, job, queue)
-            first = await next_event(q, self.settings.first_event_timeout_s)
+            first = await self._first_event(q, client_gone)
         except BaseException:
             await self.release(job.job_id, cancel=True)
             raise
+        finally:
+            await leave_waiting(self._redis, self._keys, model, job_id)
         if isinstance(first, Started):
             return RunningJob(job=job, started=first, _queue=q, _jobs=self, accepted_at=accepted_at)
         await self.release(job.job_id, cancel=first is None)
@@ -198,9 +256,47 @@ class Jobs:
                            type="server_error", code="queue_timeout")
         raise APIError(500, f"The worker's first event was {first.type}, not started.", type="server_error")
 
+    async def _first_event(self, q: asyncio.Queue[AnyEvent],
+                           client_gone: Callable[[], Awaitable[bool]] | None) -> AnyEvent | None:
+        deadline = time.monotonic() + self.settings.first_event_timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            ev = await next_event(q, min(left, CLIENT_POLL_S))
+            if ev is not None:
+                return ev
+            if client_gone is not None and await client_gone():
+                raise APIError(499, "Client closed the request while its job was queued.", code="client_closed")
+        return None
+
+    async def resubmit(self, job: Job, q: asyncio.Queue[AnyEvent], attempt: int) -> tuple[Job, Started]:
+        """Send ``job`` again under a new id whose events feed the same queue."""
+        await self.release(job.job_id, cancel=True)  # in case the old worker was only slow
+        again = job.model_copy(update={"job_id": f"{job.job_id.split('~')[0]}~{attempt}", "submitted_at": time.time()})
+        self._router.attach(again.job_id, q)
+        await run_in_threadpool(self._send, again, queue_name(job.model))
+        while True:
+            ev = await next_event(q, self.settings.first_event_timeout_s)
+            if ev is None:
+                raise APIError(504, "No worker took the resubmitted job in time.", type="server_error",
+                               code="queue_timeout")
+            if ev.job_id != again.job_id:
+                continue
+            if isinstance(ev, Started):
+                return again, ev
+            if isinstance(ev, Error):
+                raise error_from_event(ev)
+
+    async def worker_alive(self, worker_id: str) -> bool:
+        try:
+            return any(w.worker_id == worker_id for w in await self._registry.workers())
+        except RedisError:
+            return True  # unknown; a lost Redis fails the job through the reply router
+
+
     async def embed(self, *, model: str, inputs: list[str] | list[list[int]]) -> Embeddings:
         queue = await self._admit(model, "embedding")
-        job = Job(job_id=f"embd-{uuid.uuid4().hex}", model=model, kind="embedding", inputs=inputs,
+        job_id = f"embd-{uuid.uuid4().hex}"
+        await self._enter_queue(model, job_id)
+        job = Job(job_id=job_id, model=model, kind="embedding", inputs=inputs,
                   reply_channel=self._router.channel, submitted_at=time.time())
         q = self._router.open(job.job_id)
         try:
@@ -208,6 +304,7 @@ class Jobs:
             ev = await next_event(q, self.settings.first_event_timeout_s)
         finally:
             self._router.close(job.job_id)
+            await leave_waiting(self._redis, self._keys, model, job_id)
         if isinstance(ev, Embeddings):
             return ev
         if isinstance(ev, Error):
@@ -216,8 +313,15 @@ class Jobs:
         raise APIError(504, f"No worker embedded the input within {self.settings.first_event_timeout_s:.0f} s.",
                        type="server_error", code="queue_timeout")
 
+    async def _enter_queue(self, model: str, job_id: str) -> None:
+        """The queue bound: counted atomically in Redis, across API processes."""
+        bound = self.settings.max_queue_depth
+        admitted = await admit(self._redis, self._keys, model, job_id, bound, self.settings.first_event_timeout_s)
+        if admitted < 0:
+            raise queue_full(model, -admitted, self.settings.retry_after_s)
+
     async def _admit(self, model: str, kind: str) -> str:
-        """The model's queue, if a live worker serves it as ``kind`` and its queue has room."""
+        """The model's queue, if a live worker serves it as ``kind``."""
         live = (await self._registry.live_models()).get(model)
         if live is None:
             raise no_live_worker(model) if await self._registry.ever_served(model) else model_not_found(model)
@@ -225,11 +329,7 @@ class Jobs:
             route = "/v1/embeddings" if live.info.kind == "embedding" else "/v1/chat/completions or /v1/completions"
             raise APIError(400, f"The model '{model}' is a {live.info.kind} model; use {route}.", param="model",
                            code="wrong_model_kind")
-        queue = queue_name(model)
-        depth = int(await self._redis.llen(queue))
-        if depth >= self.settings.max_queue_depth:
-            raise queue_full(model, depth, self.settings.retry_after_s)
-        return queue
+        return queue_name(model)
 
     def _send(self, job: Job, queue: str) -> None:
         self._celery.send_task(

@@ -13,12 +13,56 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from api.errors import invalid, unsupported
+from api.errors import APIError, invalid, unsupported
 from broker.schemas import Message, Sampling
+from broker.settings import Settings
 
 
 class Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        # JSON may escape a lone UTF-16 surrogate ("\ud800"); Python then holds a
+        # string that no tokenizer, Redis client or UTF-8 encoder accepts.
+        where = _lone_surrogate(data)
+        if where is not None:
+            param = ".".join(where) or None
+            what = f"'{param}'" if param else "The request body"
+            raise APIError(400, f"{what} holds a lone UTF-16 surrogate escape, which is not valid Unicode text.",
+                           param=param, code="invalid_value")
+        return data
+
+
+def _lone_surrogate(data: Any) -> tuple[str, ...] | None:
+    """The path to a string (value or key) that is not valid Unicode, or None.
+    A loop, not recursion: the JSON may be nested as deep as the parser allows."""
+    todo: list[tuple[Any, tuple[str, ...]]] = [(data, ())]
+    while todo:
+        value, path = todo.pop()
+        if isinstance(value, str):
+            if not _encodes(value):
+                return path
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str) and not _encodes(key):
+                    return path  # never echo the key itself: it cannot be encoded
+                if isinstance(item, str | dict | list):
+                    todo.append((item, (*path, str(key))))
+        elif isinstance(value, list):
+            todo.extend((item, (*path, str(i))) for i, item in enumerate(value) if isinstance(item, str | dict | list))
+    return None
+
+
+def _encodes(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class StreamOptions(Request):
@@ -54,6 +98,15 @@ _REFUSED: dict[str, object] = {
 }
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 16
+# Below this the sampler's logits / temperature overflows float32 (1e-300 is 0
+# in float32), and the limit is greedy anyway: such temperatures mean 0.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
+def _effective_temperature(temperature: float | None) -> float:
+    if temperature is None:
+        return 1.0
+    return 0.0 if temperature < GREEDY_BELOW_TEMPERATURE else temperature
 
 
 class _Generation(Request):
@@ -94,7 +147,7 @@ class _Generation(Request):
     def sampling(self, max_tokens: int | None, logprobs: int | None) -> Sampling:
         return Sampling(
             max_tokens=max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
+            temperature=_effective_temperature(self.temperature),
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=-1 if self.top_k is None else self.top_k,
             presence_penalty=self.presence_penalty or 0.0,
@@ -128,6 +181,12 @@ class ChatCompletionRequest(_Generation):
         if self.top_logprobs is not None and not self.logprobs:
             raise invalid("top_logprobs", "'top_logprobs' needs 'logprobs': true.")
         return self
+
+    def check_limits(self, settings: Settings) -> None:
+        """Limits each deployment sets, which a static model cannot hold."""
+        if len(self.messages) > settings.max_messages:
+            raise invalid("messages", f"'messages' holds {len(self.messages)} messages; this server takes at most "
+                          f"{settings.max_messages} (LLMQ_MAX_MESSAGES).")
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -308,3 +367,24 @@ class EmbeddingList(BaseModel):
     data: list[EmbeddingData]
     model: str
     usage: EmbeddingUsage
+
+
+# ------------------------------------------------------------- errors
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+# Every status but 200 carries OpenAI's error shape. Documented as "default",
+# which also replaces FastAPI's 422 schema: validation errors are 400s here.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "default": {"model": ErrorResponse, "description": "An error in OpenAI's shape"},
+}

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from broker.schemas import AnyEvent, parse_event
+from broker.schemas import AnyEvent, Error, parse_event
 
 log = logging.getLogger("llmq.api.replies")
 
@@ -48,6 +48,10 @@ class ReplyRouter:
         self._queues[job_id] = q
         return q
 
+    def attach(self, job_id: str, q: asyncio.Queue[AnyEvent]) -> None:
+        """Route a resubmitted job's events into an existing queue."""
+        self._queues[job_id] = q
+
     def close(self, job_id: str) -> None:
         self._queues.pop(job_id, None)
 
@@ -60,8 +64,19 @@ class ReplyRouter:
                         q.put_nowait(event)
             except (RedisConnectionError, OSError) as exc:
                 self._subscribed.clear()
-                log.warning("reply channel %s lost (%s); resubscribing", self.channel, exc)
+                log.warning("reply channel %s lost (%s); failing %d open job(s), resubscribing", self.channel, exc,
+                            len(self._queues))
+                self._fail_open_jobs()
                 await asyncio.sleep(RESUBSCRIBE_DELAY_S)
+
+    def _fail_open_jobs(self) -> None:
+        """Events published while we were disconnected are gone: tell every
+        waiting job now rather than let it wait for a timeout."""
+        for job_id, q in list(self._queues.items()):
+            q.put_nowait(Error(job_id=job_id, seq=0, status=503, error_type="service_unavailable_error",
+                               code="broker_unavailable",
+                               message="The connection to the job queue (Redis) was lost; the job's outcome is "
+                                       "unknown. Retry the request."))
 
     async def _listen(self) -> AsyncIterator[AnyEvent]:
         pubsub = self._redis.pubsub()

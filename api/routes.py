@@ -16,7 +16,10 @@ from api.auth import require_api_key
 from api.deps import JobsDep, RegistryDep
 from api.jobs import RunningJob
 from api.protocol import (
+    ERROR_RESPONSES,
+    ChatCompletion,
     ChatCompletionRequest,
+    Completion,
     CompletionRequest,
     EmbeddingData,
     EmbeddingList,
@@ -27,7 +30,7 @@ from api.protocol import (
 )
 from api.serving import ChatShape, CompletionShape, Shape, collect, stream
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 
 JOB_ID_HEADER = "x-request-id"
 
@@ -58,8 +61,9 @@ async def _answer(run: RunningJob, shape: Shape, stream_it: bool, include_usage:
     return JSONResponse(body, headers=headers)
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", response_model=ChatCompletion)
 async def chat_completions(body: ChatCompletionRequest, jobs: JobsDep, request: Request) -> Any:
+    body.check_limits(request.app.state.settings)
     run = await jobs.submit(
         model=body.model,
         kind="chat",
@@ -68,11 +72,12 @@ async def chat_completions(body: ChatCompletionRequest, jobs: JobsDep, request: 
         n=body.n,
         stop=body.stop_list(),
         id_prefix="chatcmpl",
+        client_gone=request.is_disconnected,
     )
     return await _answer(run, ChatShape(), body.stream, body.include_usage, request)
 
 
-@router.post("/completions")
+@router.post("/completions", response_model=Completion)
 async def completions(body: CompletionRequest, jobs: JobsDep, request: Request) -> Any:
     run = await jobs.submit(
         model=body.model,
@@ -83,6 +88,7 @@ async def completions(body: CompletionRequest, jobs: JobsDep, request: Request) 
         stop=body.stop_list(),
         echo=body.echo,
         id_prefix="cmpl",
+        client_gone=request.is_disconnected,
     )
     return await _answer(run, CompletionShape(), body.stream, body.include_usage, request)
 

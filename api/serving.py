@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from starlette.requests import Request
 
 from api.errors import APIError
-from api.jobs import RunningJob, error_from_event
+from api.jobs import Restarted, RunningJob, error_from_event
 from api.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -182,8 +182,11 @@ async def collect(run: RunningJob, shape: Shape, request: Request) -> dict[str, 
     choices = [ChoiceResult(index=i) for i in range(run.job.n)]
     completion_tokens = 0
     try:
-        async for ev in run.events(tick_s=DISCONNECT_POLL_S):
-            if ev is None:
+        async for ev in run.events(tick_s=DISCONNECT_POLL_S, client_saw_tokens=False):
+            if isinstance(ev, Restarted):  # a new worker starts over
+                choices = [ChoiceResult(index=i) for i in range(run.job.n)]
+                completion_tokens = 0
+            elif ev is None:
                 if await request.is_disconnected():
                     raise APIError(499, "Client closed the request.", code="client_closed")
             elif isinstance(ev, Delta):

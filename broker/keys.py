@@ -37,6 +37,11 @@ class Keys:
         workers are all gone (503)."""
         return f"{self.prefix}models"
 
+    def waiting(self, model: str) -> str:
+        """Sorted set of the model's admitted, not yet started jobs (score:
+        admission time); the API's queue bound counts it atomically."""
+        return f"{self.prefix}waiting:{model}"
+
     # per-job state
     def reply_channel(self, api_instance: str) -> str:
         return f"{self.prefix}reply:{api_instance}"

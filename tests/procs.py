@@ -74,8 +74,8 @@ def spawn(name: str, argv: list[str], env: dict[str, str]) -> Proc:
     return Proc(name, popen, log)
 
 
-def start_redis(tmp: Path) -> tuple[Proc, int]:
-    port = free_port()
+def start_redis(tmp: Path, port: int | None = None) -> tuple[Proc, int]:
+    port = port or free_port()
     proc = spawn(f"redis-{port}", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp),
                                    "--save", "", "--appendonly", "no"], {})
 
