@@ -12,6 +12,9 @@ import pytest
 
 from tests.procs import DEMO_MODEL, DEMO_MODEL_DIR, Proc, start_api, start_redis, start_worker, wait_model
 
+# The `browser` fixture (headless Chromium) for the page tests.
+pytest_plugins = ["tests.browser"]
+
 HEARTBEAT_INTERVAL_S = 0.5
 HEARTBEAT_TTL_S = 2.0
 

@@ -9,26 +9,22 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from urllib.parse import urlencode
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Page
 
 from api.routes import JOB_ID_HEADER
+from tests.browser import needs_chromium
 from tests.conftest import Stack
 from tests.procs import ARTIFACTS, Proc, start_api
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 FETCH_TIMEOUT_MS = 120_000
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is absent (apt install chromium; "
-                                                     "scripts/install-system.sh does it)"),
+    needs_chromium,
 ]
 
 # The front end on the other origin: one streaming chat request, sent the way
@@ -125,16 +121,6 @@ def apis(stack: Stack, origins: tuple[str, str]) -> Iterator[Apis]:
     finally:
         for proc in procs:
             proc.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Stack
-from tests.procs import free_port, spawn, start_api, start_worker, wait_for, wait_model
+from tests.procs import free_port, spawn, start_api, start_worker, wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from tests.conftest import HEARTBEAT_TTL_S, Stack
-from tests.procs import Proc, spawn, start_api, start_redis, start_worker, wait_for, wait_model
+from tests.procs import Proc, start_api, start_redis, start_worker, wait_for, wait_model
 
 pytestmark = pytest.mark.e2e
 
