@@ -97,7 +97,9 @@ def _count(request: Request, status: int, code: str | None) -> None:
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0]
+    # Of a union's failed branches (content: str | list[TextPart]) the deepest
+    # names the problem: 'messages.0.content.0.type' rather than "not a string".
+    first = max(exc.errors(), key=lambda e: len(e.get("loc", ())))
     param = _param_from_loc(tuple(first.get("loc", ())))
     msg = first.get("msg", "invalid request")
     if first.get("type") == "extra_forbidden":

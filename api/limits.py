@@ -77,9 +77,8 @@ class BodyLimit:
         metrics = getattr(getattr(app, "state", None), "metrics", None)
         if metrics is not None:
             metrics.observe_error(error.status, error.code)
-        # The rest of the body is never read: close the connection rather than
-        # leave the server to skip it.
-        error.headers["connection"] = "close"
+        # The rest of the body is left unread; the server skips it and keeps the
+        # connection, so a client still sending gets to read this answer.
         await error.response()(scope, receive, send)
 
 

@@ -24,13 +24,14 @@ class Request(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _valid_unicode(cls, data: Any) -> Any:
-        # JSON may escape a lone UTF-16 surrogate ("\ud800"); Python then holds a
-        # string that no tokenizer, Redis client or UTF-8 encoder accepts.
+        # JSON may carry a lone UTF-16 surrogate (escaped as "\ud800", or as the
+        # bytes ED A0 80, which Python's json decodes); Python then holds a string
+        # that no tokenizer, Redis client or UTF-8 encoder accepts.
         where = _lone_surrogate(data)
         if where is not None:
             param = ".".join(where) or None
             what = f"'{param}'" if param else "The request body"
-            raise APIError(400, f"{what} holds a lone UTF-16 surrogate escape, which is not valid Unicode text.",
+            raise APIError(400, f"{what} is not valid UTF-8 text: it holds a lone surrogate (U+D800 to U+DFFF).",
                            param=param, code="invalid_value")
         return data
 
@@ -205,15 +206,15 @@ class CompletionRequest(_Generation):
 
     def single_prompt(self) -> str | list[int]:
         p = self.prompt
-        if isinstance(p, str):
-            return p
+        if isinstance(p, list) and p and not all(isinstance(x, int) for x in p):
+            if len(p) > 1:
+                raise unsupported("prompt", "Send one prompt per request; several in one request are not supported yet.")
+            p = p[0]
+        # The engine needs at least one token to continue from.
         if len(p) == 0:
-            raise unsupported("prompt", "An empty list is not a prompt.")
-        if all(isinstance(x, int) for x in p):
-            return list(p)  # type: ignore[arg-type]
-        if len(p) == 1:
-            return p[0]  # type: ignore[return-value]
-        raise unsupported("prompt", "Send one prompt per request; several in one request are not supported yet.")
+            raise invalid("prompt", "'prompt' must not be empty: an empty string or token list gives the model "
+                          "nothing to continue.")
+        return p if isinstance(p, str) else list(p)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------- responses

@@ -44,16 +44,16 @@ def test_two_workers_share_a_queue_and_one_leaves_mid_burst(stack: Stack) -> Non
         wait_for(lambda: httpx.get(f"{stack.v1}/models").json()["data"][0]["workers"] == 2, 120,
                  "second worker registered", second)
         before_main = jobs_in_log(stack.worker.log.read_text())
-        answers = ask_many(stack.base_url, stack.model, 24)
+        answers = ask_many(stack.base_url, stack.model, 24, max_tokens=8)
         ids = {a.id for a in answers}
         ran_main = (jobs_in_log(stack.worker.log.read_text()) - before_main) & ids
         ran_second = jobs_in_log(second.log.read_text()) & ids
-        print(f"burst of 24: main worker ran {len(ran_main)}, second worker ran {len(ran_second)}")
+        print(f"burst of 24 (16 + 4 slots): main worker ran {len(ran_main)}, second worker ran {len(ran_second)}")
         assert ran_main and ran_second and ran_main | ran_second == ids and not ran_main & ran_second
 
         # Second burst; the second worker gets a warm shutdown (SIGTERM) while jobs run.
         with ThreadPoolExecutor(max_workers=1) as pool:
-            burst = pool.submit(ask_many, stack.base_url, stack.model, 24, 32)
+            burst = pool.submit(ask_many, stack.base_url, stack.model, 24, 16)
             wait_for(lambda: len(jobs_in_log(second.log.read_text()) - ran_second) >= 1, 120, "second worker busy")
             second.stop(timeout_s=180)  # warm shutdown: it finishes the jobs it runs, takes no more
             answers = burst.result(timeout=300)

@@ -109,7 +109,16 @@ class Runtime:
     # ---------------------------------------------------------- the task
 
     def run(self, job: Job) -> dict[str, object]:
-        """Run one job to its end; the return value is what Flower shows."""
+        """Run one job to its end; the return value is what Flower shows.
+        Whatever goes wrong, the API hears of it: no client waits for a
+        job that failed silently."""
+        try:
+            return self._run(job)
+        except Exception as exc:
+            log.exception("job %s: failed", job.job_id)
+            return self._fail(job, 500, "worker_error", None, f"The worker failed this job: {type(exc).__name__}")
+
+    def _run(self, job: Job) -> dict[str, object]:
         jid = job.job_id
         if is_cancelled(self.redis, self.keys, jid):
             log.info("job %s: cancelled while queued, skipped", jid)
@@ -132,6 +141,8 @@ class Runtime:
             return self._fail(job, 400, "invalid_value", "logit_bias",
                               f"Token id {bad_bias[0]} in 'logit_bias' is outside this model's vocabulary "
                               f"(0..{lm.vocab_size - 1}).")
+        if not ids:
+            return self._fail(job, 400, "invalid_prompt", "prompt", "The prompt is empty.")
         room = lm.context_length - len(ids)
         if room <= 0:
             return self._fail(

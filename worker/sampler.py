@@ -18,6 +18,7 @@ alternatives wait in the slot until the pump thread reads them.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -28,7 +29,10 @@ from transformers.generation.continuous_batching.cb_logits_processors import Con
 
 from broker.schemas import Sampling
 
+log = logging.getLogger("llmq.worker.sampler")
+
 SLOT_KWARG = "llmq_slot"
+GREEDY_BELOW = 1e-5
 NO_SLOT = -1
 
 
@@ -108,7 +112,13 @@ class Sampler(ContinuousBatchingLogitsProcessor):
             if slot is None:  # a request not opened by llmq (none today): greedy
                 picked[row] = int(scores[row].argmax())
                 continue
-            tok = self._pick(scores[row], slot)
+            try:
+                tok = self._pick(scores[row], slot)
+            except RuntimeError:
+                # An exception here would kill the engine thread for every job;
+                # degrade this row to greedy and say so.
+                log.exception("sampling failed for slot %s; taking the greedy token", sids[row])
+                tok = int(scores[row].argmax())
             picked[row] = tok
             slot.counts[tok] = slot.counts.get(tok, 0) + 1
             lp = 0.0
@@ -134,7 +144,7 @@ class Sampler(ContinuousBatchingLogitsProcessor):
             idx = torch.tensor(list(slot.counts.keys()), dtype=torch.long, device=x.device)
             n = torch.tensor(list(slot.counts.values()), dtype=x.dtype, device=x.device)
             x = x.index_add(0, idx, -(s.frequency_penalty * n + s.presence_penalty))
-        if s.temperature == 0:
+        if s.temperature < GREEDY_BELOW:  # tiny temperatures overflow float32: greedy, as vLLM does
             return int(x.argmax())
         x = x / s.temperature
         if 0 < s.top_k < x.numel():
