@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 from collections import defaultdict
 
 import openai
@@ -81,14 +82,18 @@ def test_jobs_are_celery_tasks_on_the_model_queue(stack: Stack) -> None:
     pubsub.psubscribe("/*.celeryev/*")
     client = openai.OpenAI(base_url=stack.v1, api_key="unused", max_retries=0)
     secret = "The secret word is pineapple. Repeat it."
-    client.chat.completions.create(model=stack.model, messages=[{"role": "user", "content": secret}], max_tokens=2)
+    job_id = client.chat.completions.create(
+        model=stack.model, messages=[{"role": "user", "content": secret}], max_tokens=2).id
     events = []
-    for _ in range(200):
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
         msg = pubsub.get_message(timeout=0.1)
         if msg:
             decoded = json.loads(base64.b64decode(json.loads(msg["data"])["body"]))
-            # Workers buffer task events and may send several as one list.
-            events.extend(decoded if isinstance(decoded, list) else [decoded])
+            # Workers buffer task events and may send several as one list,
+            # late: keep only this job's (the task id is the job id).
+            batch = decoded if isinstance(decoded, list) else [decoded]
+            events.extend(e for e in batch if e.get("uuid") == job_id)
         if any(e.get("type") == "task-succeeded" for e in events):
             break
     sent = [e for e in events if e.get("type") == "task-sent"]
