@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 from celery import Celery
+from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import APIError, model_not_found, no_live_worker, queue_full
@@ -240,7 +240,7 @@ class Jobs:
         q = self._router.open(job.job_id)
         try:
             await run_in_threadpool(self._send, job, queue)
-            first = await self._first_event(q, client_gone)
+            first = await self._first_event(q, job.job_id, client_gone)
         except BaseException:
             await self.release(job.job_id, cancel=True)
             raise
@@ -248,24 +248,25 @@ class Jobs:
             await leave_waiting(self._redis, self._keys, model, job_id)
         if isinstance(first, Started):
             return RunningJob(job=job, started=first, _queue=q, _jobs=self, accepted_at=accepted_at)
-        await self.release(job.job_id, cancel=first is None)
+        await self.release(job.job_id, cancel=False)
         if isinstance(first, Error):
             raise error_from_event(first)
-        if first is None:
-            raise APIError(504, f"No worker started the job within {self.settings.first_event_timeout_s:.0f} s.",
-                           type="server_error", code="queue_timeout")
         raise APIError(500, f"The worker's first event was {first.type}, not started.", type="server_error")
 
-    async def _first_event(self, q: asyncio.Queue[AnyEvent],
-                           client_gone: Callable[[], Awaitable[bool]] | None) -> AnyEvent | None:
+    async def _first_event(self, q: asyncio.Queue[AnyEvent], job_id: str,
+                           client_gone: Callable[[], Awaitable[bool]] | None = None) -> AnyEvent:
+        """The first event of ``job_id`` (a shared queue may still hold an
+        earlier attempt's). Raises 504 if none comes in time, 499 if the
+        client leaves meanwhile."""
         deadline = time.monotonic() + self.settings.first_event_timeout_s
         while (left := deadline - time.monotonic()) > 0:
             ev = await next_event(q, min(left, CLIENT_POLL_S))
-            if ev is not None:
+            if ev is not None and ev.job_id == job_id:
                 return ev
-            if client_gone is not None and await client_gone():
+            if ev is None and client_gone is not None and await client_gone():
                 raise APIError(499, "Client closed the request while its job was queued.", code="client_closed")
-        return None
+        raise APIError(504, f"No worker started the job within {self.settings.first_event_timeout_s:.0f} s.",
+                       type="server_error", code="queue_timeout")
 
     async def resubmit(self, job: Job, q: asyncio.Queue[AnyEvent], attempt: int) -> tuple[Job, Started]:
         """Send ``job`` again under a new id whose events feed the same queue."""
@@ -273,24 +274,18 @@ class Jobs:
         again = job.model_copy(update={"job_id": f"{job.job_id.split('~')[0]}~{attempt}", "submitted_at": time.time()})
         self._router.attach(again.job_id, q)
         await run_in_threadpool(self._send, again, queue_name(job.model))
-        while True:
-            ev = await next_event(q, self.settings.first_event_timeout_s)
-            if ev is None:
-                raise APIError(504, "No worker took the resubmitted job in time.", type="server_error",
-                               code="queue_timeout")
-            if ev.job_id != again.job_id:
-                continue
-            if isinstance(ev, Started):
-                return again, ev
-            if isinstance(ev, Error):
-                raise error_from_event(ev)
+        ev = await self._first_event(q, again.job_id)
+        if isinstance(ev, Started):
+            return again, ev
+        if isinstance(ev, Error):
+            raise error_from_event(ev)
+        raise APIError(500, f"The worker's first event was {ev.type}, not started.", type="server_error")
 
     async def worker_alive(self, worker_id: str) -> bool:
         try:
             return any(w.worker_id == worker_id for w in await self._registry.workers())
         except RedisError:
             return True  # unknown; a lost Redis fails the job through the reply router
-
 
     async def embed(self, *, model: str, inputs: list[str] | list[list[int]]) -> Embeddings:
         queue = await self._admit(model, "embedding")
@@ -301,7 +296,10 @@ class Jobs:
         q = self._router.open(job.job_id)
         try:
             await run_in_threadpool(self._send, job, queue)
-            ev = await next_event(q, self.settings.first_event_timeout_s)
+            ev = await self._first_event(q, job.job_id)
+        except BaseException:
+            await self.release(job.job_id, cancel=True)
+            raise
         finally:
             self._router.close(job.job_id)
             await leave_waiting(self._redis, self._keys, model, job_id)
@@ -309,9 +307,7 @@ class Jobs:
             return ev
         if isinstance(ev, Error):
             raise error_from_event(ev)
-        await request_cancel(self._redis, self._keys, job.job_id, self.settings.cancel_ttl_s)
-        raise APIError(504, f"No worker embedded the input within {self.settings.first_event_timeout_s:.0f} s.",
-                       type="server_error", code="queue_timeout")
+        raise APIError(500, f"The worker answered an embedding job with {ev.type}.", type="server_error")
 
     async def _enter_queue(self, model: str, job_id: str) -> None:
         """The queue bound: counted atomically in Redis, across API processes."""

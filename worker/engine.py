@@ -264,7 +264,7 @@ class Engine:
             if done and not stopped:
                 more, stopped = run.stops.feed(run.detok.flush())
                 text += more if stopped else more + run.stops.flush()
-            picks = run.slot.take(len(fresh)) if run.slot is not None and run.job.sampling.logprobs is not None else []
+            picks = run.slot.take(len(fresh)) if run.slot is not None and run.slot.wants_logprobs else []
             if text or picks:
                 batch.append((run, Delta(job_id=run.job.job_id, seq=self._seq.next(run.job.job_id), index=run.index,
                                          text=text, completion_tokens=run.tokens,

@@ -42,7 +42,8 @@ class Runtime:
         self.redis = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
         self.publisher = Publisher(self.redis)
         self.options = options
-        self.engines: dict[str, Engine] = {}
+        self.engines: dict[str, Engine] = {}  # served name -> engine; aliases share one
+        self._engines: list[Engine] = []  # one per loaded model
         self.embedders: dict[str, EmbeddingModel] = {}
         for lm in models:
             if isinstance(lm, EmbeddingModel):
@@ -50,6 +51,7 @@ class Runtime:
                 continue
             engine = Engine(lm, self.publisher, **engine_kwargs(options.max_batch_size, options.kv_cache_tokens,
                                                                  lm.context_length))
+            self._engines.append(engine)
             for name in lm.names:
                 self.engines[name] = engine
         self.started_at = time.time()
@@ -61,11 +63,8 @@ class Runtime:
     def queues(self) -> list[str]:
         return [queue_name(name) for name in [*self.engines, *self.embedders]]
 
-    def _unique_engines(self) -> list[Engine]:
-        return list({id(e): e for e in self.engines.values()}.values())
-
     def start(self) -> None:
-        for engine in self._unique_engines():
+        for engine in self._engines:
             engine.start()
         self._cancel_thread.start()
         self.heart.start()
@@ -77,15 +76,14 @@ class Runtime:
         with an error event so no client waits for a worker that is gone."""
         self.heart.stop()
         deadline = time.monotonic() + self.settings.drain_timeout_s
-        engines = self._unique_engines()
-        while any(e.running for e in engines) and time.monotonic() < deadline:
+        while any(e.running for e in self._engines) and time.monotonic() < deadline:
             time.sleep(0.1)
         self._stopping.set()
-        for engine in engines:
+        for engine in self._engines:
             engine.stop()
 
     def heartbeat(self) -> Heartbeat:
-        engines = self._unique_engines()
+        engines = self._engines
         return Heartbeat(
             worker_id=self.worker_id,
             models=[
@@ -217,7 +215,7 @@ class Runtime:
                     if msg is None:
                         continue
                     job_id = msg["data"].decode()
-                    for engine in self._unique_engines():
+                    for engine in self._engines:
                         engine.cancel(job_id)
             except redis.RedisError as exc:
                 log.warning("cancel listener lost Redis (%s); reconnecting", exc)
