@@ -58,18 +58,12 @@ def test_detokenizer_decodes_a_window_not_the_whole_text(tokenizer) -> None:  # 
     assert max(calls) <= 12, max(calls)
 
 
-def _rows(sampler: Sampler, scores: torch.Tensor, sids: list[int]) -> torch.Tensor:
-    return sampler(scores, torch.tensor(sids, dtype=torch.int32))
-
-
-def test_sampler_returns_one_hot_rows_and_is_greedy_at_temperature_zero() -> None:
+def test_sampler_is_greedy_at_temperature_zero_and_draws_otherwise() -> None:
     sampler = Sampler(vocab_size=5)
-    greedy, _ = sampler.open(Sampling(temperature=0), seed=None)
-    hot, _ = sampler.open(Sampling(temperature=1.0), seed=3)
+    greedy = sampler.open(Sampling(temperature=0), seed=None)
+    hot = sampler.open(Sampling(temperature=1.0), seed=3)
     scores = torch.tensor([[1.0, 3.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 9.0]])
-    out = _rows(sampler, scores, [greedy, hot])
-    assert out[0].tolist() == [float("-inf"), 0.0, float("-inf"), float("-inf"), float("-inf")]
-    assert (out[1] == 0).sum() == 1  # exactly one token allowed per row
+    assert sampler.sample(scores, [greedy, hot]) == [1, 4]  # 9 nats ahead: the draw is all but certain
 
 
 def test_sampler_seed_reproduces_and_penalties_and_bias_apply() -> None:
@@ -77,24 +71,43 @@ def test_sampler_seed_reproduces_and_penalties_and_bias_apply() -> None:
 
     def draw(seed: int) -> list[int]:
         sampler = Sampler(vocab_size=50)
-        sid, _ = sampler.open(Sampling(temperature=1.0), seed=seed)
-        return [int(_rows(sampler, scores, [sid]).argmax()) for _ in range(20)]
+        slot = sampler.open(Sampling(temperature=1.0), seed=seed)
+        return [sampler.sample(scores, [slot])[0] for _ in range(20)]
 
     assert draw(5) == draw(5) and draw(5) != draw(6)
     sampler = Sampler(vocab_size=4)
-    sid, slot = sampler.open(Sampling(temperature=0, frequency_penalty=2.0), seed=None)
+    slot = sampler.open(Sampling(temperature=0, frequency_penalty=2.0), seed=None)
     flat = torch.tensor([[1.0, 0.5, 0.0, 0.0]])
-    picks = [int(_rows(sampler, flat, [sid]).argmax()) for _ in range(3)]
+    picks = [sampler.sample(flat, [slot])[0] for _ in range(3)]
     assert picks == [0, 1, 2]  # each used token drops by 2: 1 -> -1, 0.5 -> -1.5, then 0 wins
-    sid, _ = sampler.open(Sampling(temperature=0, logit_bias={3: 5.0}), seed=None)
-    assert int(_rows(sampler, flat, [sid]).argmax()) == 3
+    biased = sampler.open(Sampling(temperature=0, logit_bias={3: 5.0}), seed=None)
+    assert sampler.sample(flat, [biased]) == [3]
+
+
+def test_sampler_batch_equals_each_row_alone() -> None:
+    """One call over a mixed batch picks what each row would pick on its own:
+    seeded rows draw from their own generator, penalties count their own output."""
+    options = [Sampling(temperature=0), Sampling(temperature=0.8, seed=1), Sampling(temperature=1.0, top_k=3, seed=2),
+               Sampling(temperature=1.2, top_p=0.5, seed=3), Sampling(temperature=0, presence_penalty=1.5),
+               Sampling(temperature=0.7, frequency_penalty=0.5, logit_bias={7: 3.0}, seed=4)]
+    torch.manual_seed(0)
+    steps = [torch.randn(len(options), 40) for _ in range(12)]
+
+    def run(rows: list[int]) -> list[list[int]]:
+        sampler = Sampler(vocab_size=40)
+        slots = [sampler.open(options[i], seed=options[i].seed) for i in rows]
+        return [sampler.sample(logits[rows], slots) for logits in steps]
+
+    together = run(list(range(len(options))))
+    for i in range(len(options)):
+        assert [step[i] for step in together] == [step[0] for step in run([i])], options[i]
 
 
 def test_sampler_logprobs_come_from_the_raw_distribution() -> None:
     sampler = Sampler(vocab_size=3)
-    sid, slot = sampler.open(Sampling(temperature=0, logprobs=2, presence_penalty=2.0), seed=None)
+    slot = sampler.open(Sampling(temperature=0, logprobs=2, presence_penalty=2.0), seed=None)
     scores = torch.tensor([[2.0, 1.0, 0.0]])
-    _rows(sampler, scores, [sid])
+    sampler.sample(scores, [slot])
     pick = slot.take(1)[0]
     expected = torch.log_softmax(scores[0], -1)
     assert pick.token == 0 and pick.logprob == pytest.approx(float(expected[0]))
@@ -105,8 +118,8 @@ def test_top_p_and_top_k_restrict_the_choice() -> None:
     scores = torch.tensor([[5.0, 4.9, 0.0, 0.0]])
     for sampling in (Sampling(temperature=1.0, top_k=1), Sampling(temperature=1.0, top_p=0.01)):
         sampler = Sampler(vocab_size=4)
-        sid, _ = sampler.open(sampling, seed=1)
-        assert {int(_rows(sampler, scores, [sid]).argmax()) for _ in range(30)} == {0}
+        slot = sampler.open(sampling, seed=1)
+        assert {sampler.sample(scores, [slot])[0] for _ in range(30)} == {0}
 
 
 @pytest.mark.parametrize(("pieces", "stops", "sent", "stopped"), [

@@ -17,6 +17,7 @@ from celery import Celery, bootsteps
 
 from broker.settings import Settings
 from worker.embeddings import is_embedding_model, load_embedding
+from worker.engine import MAX_STEP_TOKENS, engine_threads
 from worker.loading import ModelLoadError, ModelSpec, load
 from worker.runtime import EngineOptions, Runtime
 
@@ -33,6 +34,10 @@ OPTIONS = [
     click.Option(["--context-length"], type=int, default=None, help="override the model's context length"),
     click.Option(["--max-batch-size"], type=int, default=16, help="jobs batched at once; match --concurrency"),
     click.Option(["--kv-cache-tokens"], type=int, default=None, help="KV cache size in tokens"),
+    click.Option(["--max-step-tokens"], type=int, default=MAX_STEP_TOKENS,
+                 help="tokens one engine step computes: every decoding sequence's next token, then prompt chunks"),
+    click.Option(["--prefix-caching/--no-prefix-caching"], default=True,
+                 help="reuse the KV cache of prompt prefixes seen before (chat turns, shared system prompts)"),
     click.Option(["--trust-remote-code"], is_flag=True, default=False),
     click.Option(["--load-8bit"], is_flag=True, default=False, help="8-bit weights (bitsandbytes)"),
     click.Option(["--load-4bit"], is_flag=True, default=False, help="4-bit NF4 weights (bitsandbytes)"),
@@ -71,6 +76,7 @@ class LLMQStep(bootsteps.StartStopStep):
         super().__init__(worker, **opts)
         app = worker.app
         settings: Settings = app.llmq_settings
+        threads = engine_threads()  # before any torch work in this thread
         try:
             specs = specs_from_options(opts)
             models = [load_embedding(spec) if is_embedding_model(spec.path) else load(spec) for spec in specs]
@@ -78,7 +84,9 @@ class LLMQStep(bootsteps.StartStopStep):
             # One clear line, and no registration: the heartbeat never starts.
             raise SystemExit(f"llmq worker: cannot start: {exc}") from None
         options = EngineOptions(max_batch_size=opts.get("max_batch_size") or 16,
-                                kv_cache_tokens=opts.get("kv_cache_tokens"))
+                                kv_cache_tokens=opts.get("kv_cache_tokens"),
+                                max_step_tokens=opts.get("max_step_tokens") or MAX_STEP_TOKENS,
+                                prefix_caching=opts.get("prefix_caching", True), threads=threads)
         self.runtime = Runtime(settings, models, options, worker_id=f"{worker.hostname}-{os.getpid()}")
         for queue in self.runtime.queues():
             app.amqp.queues.select_add(queue)

@@ -1,12 +1,28 @@
 """The continuous-batching engine of one loaded model.
 
-transformers' ``ContinuousBatchingManager`` runs the batch in its own thread:
-requests join between steps and leave when they finish or are cancelled.
-After each step it hands the outputs of every request that advanced to
-``deliver_batch``; ``_StepRouter`` passes that list to our pump thread, which
-detokenizes, applies stop strings, attaches logprobs and publishes one event
-per choice, the whole step in one Redis pipeline. Token choice itself is
-``worker/sampler.py``'s. Celery's worker threads only submit and wait.
+One engine thread runs the model step after step. Each step it
+
+1. takes new runs and drops cancelled ones (so a cancel frees its batch row
+   within one step);
+2. schedules: every decoding sequence gets one token (streams never wait
+   behind prompts), then prompt chunks of new sequences fill the step's
+   token budget (``max_step_tokens``), oldest first; a long prompt is
+   prefilled over several steps, interleaved with decoding;
+3. runs the model's own forward once over all of the step's tokens as one
+   flat sequence, with attention over the paged KV cache
+   (``worker/attention.py``, ``worker/kvcache.py``);
+4. picks the next token of every sequence whose prompt is done, in one
+   batched call (``worker/sampler.py``), and hands the step's tokens to the
+   pump thread.
+
+The pump thread detokenizes, applies stop strings, attaches logprobs and
+publishes one event per choice, the whole step in one Redis pipeline.
+Celery's worker threads only submit and wait.
+
+A sequence takes KV blocks as it grows. When none is left, the most
+recently admitted sequence is preempted: its blocks go back and it is
+computed again later from its prompt and the tokens it already produced
+(prefix caching usually makes that cheap). Its client sees nothing of it.
 """
 
 from __future__ import annotations
@@ -19,23 +35,23 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import GenerationConfig
-from transformers.generation import ContinuousBatchingConfig
-from transformers.generation.continuous_batching.continuous_api import OutputRouter
-from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
+import torch
 
 from broker.schemas import Delta, Done, Error, FinishReason, Job, Timings, TokenLogprob, Usage
+from worker.attention import NAME as ATTENTION, STEP_KWARG, Chunk, StepLayout
 from worker.detok import IncrementalDetokenizer
+from worker.kvcache import KVCache
 from worker.loading import LoadedModel
+from worker.profile import StepProfile
 from worker.publish import Publisher
-from worker.sampler import SLOT_KWARG, Pick, Sampler, Slot, install
+from worker.sampler import Pick, Sampler, Slot
 from worker.stops import StopStrings
 
 log = logging.getLogger("llmq.worker.engine")
 
-PAGE_SIZE = 256
+BLOCK_SIZE = 16
+MAX_STEP_TOKENS = 256
 THROUGHPUT_WINDOW_S = 10.0
-STEP_GAP_S = 2.0  # longer gaps between deliveries are idle time, not steps
 
 
 @dataclass(eq=False)
@@ -49,40 +65,38 @@ class Run:
     detok: IncrementalDetokenizer
     queue_s: float
     submitted: float = field(default_factory=time.monotonic)
-    tokens: int = 0
+    tokens: int = 0  # delivered to the pump
     first_token_at: float | None = None
     finish_reason: FinishReason | None = None
     ended: threading.Event = field(default_factory=threading.Event)
     stops: StopStrings = field(init=False)
-    slot_id: int = -1
     slot: Slot | None = None
+    # engine-thread state
+    ids: list[int] = field(init=False)  # prompt, then generated tokens
+    computed: int = 0  # tokens whose keys and values are in the cache
+    blocks: list[int] = field(default_factory=list)
+    hashes: list[int] = field(default_factory=list)
+    dropped: bool = False  # cancelled or stopped: the engine lets it go at the next step
 
     def __post_init__(self) -> None:
         self.stops = StopStrings(self.job.stop)
+        self.ids = list(self.prompt_ids)
 
     @property
     def request_id(self) -> str:
         return f"{self.job.job_id}/{self.index}"
 
+    @property
+    def generated(self) -> int:
+        return len(self.ids) - len(self.prompt_ids)
 
-class _StepRouter(OutputRouter):
-    """Hands each engine step's outputs, as one list, to the pump thread."""
 
-    def __init__(self, steps: queue.Queue[list[GenerationOutput]]) -> None:
-        super().__init__()
-        self._steps = steps
-        self._last = 0.0
-        self.step_times: deque[float] = deque(maxlen=32)
-
-    def deliver_batch(self, outputs: list[GenerationOutput]) -> None:
-        now = time.monotonic()
-        if now - self._last < STEP_GAP_S:  # back-to-back steps: the gap is one step's time
-            self.step_times.append(now - self._last)
-        self._last = now
-        self._steps.put(outputs)
-
-    def deliver(self, output: GenerationOutput) -> None:
-        self._steps.put([output])
+@dataclass(frozen=True)
+class StepOutput:
+    run: Run
+    token: int | None
+    finish: FinishReason | None = None
+    error: str | None = None
 
 
 class Sequencer:
@@ -100,54 +114,78 @@ class Sequencer:
         self._next.pop(job_id, None)
 
 
+def engine_threads() -> int:
+    """Keep torch's CPU threads for the engine threads: call once in the
+    worker's main thread, before any model is loaded; returns the count each
+    engine thread takes.
+
+    torch's CPU kernels run on OpenMP, and libgomp keeps one thread team per
+    thread that ever ran a parallel region. Once the main thread (which
+    loads the model) has a team of its own, the engine thread's team makes
+    more OpenMP threads than cores, and libgomp then stops spinning between
+    regions: every matmul of a decode step pays a wake-up. Measured on a
+    2-core CPU: one decode step of the demo model took 56 ms from a second
+    thread against 34 ms from the first. So the main thread works on one
+    thread (no team) and each engine thread asks for all of them.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    return threads
+
+
+def _cache_for(lm: LoadedModel, kv_cache_tokens: int, prefix_caching: bool) -> KVCache:
+    cfg = lm.model.config.get_text_config()
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return KVCache(layers=cfg.num_hidden_layers, kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+                   head_dim=head_dim, num_blocks=-(-kv_cache_tokens // BLOCK_SIZE), block_size=BLOCK_SIZE,
+                   # bitsandbytes quantizes the linear layers only: the embeddings keep the compute dtype
+                   dtype=lm.model.get_input_embeddings().weight.dtype, device=lm.device,
+                   prefix_caching=prefix_caching)
+
+
 class Engine:
-    def __init__(self, lm: LoadedModel, publisher: Publisher, *, max_batch: int, kv_cache_tokens: int) -> None:
+    def __init__(self, lm: LoadedModel, publisher: Publisher, *, max_batch: int, kv_cache_tokens: int,
+                 max_step_tokens: int = MAX_STEP_TOKENS, prefix_caching: bool = True,
+                 threads: int | None = None) -> None:
         self.lm = lm
+        self.threads = threads or torch.get_num_threads()
+        self.max_batch = max_batch
+        self.max_step_tokens = max(max_step_tokens, max_batch + 1)
+        self.profile = StepProfile()
+        self.sampler = Sampler(lm.vocab_size)
+        self.cache = _cache_for(lm, kv_cache_tokens, prefix_caching)
         self._publisher = publisher
-        self._runs: dict[str, Run] = {}  # request id -> run
+        self._eos = frozenset(lm.eos_token_ids)
+        self._runs: dict[str, Run] = {}  # request id -> run, until its last event is out
         self._lock = threading.Lock()
-        self._steps: queue.Queue[list[GenerationOutput]] = queue.Queue()
+        self._inbox: list[Run] = []
+        self._wake = threading.Event()
+        self._waiting: deque[Run] = deque()  # engine thread only, from here down
+        self._running: list[Run] = []  # in admission order
+        self._steps: queue.Queue[list[StepOutput]] = queue.Queue()
         self._recent: deque[tuple[float, int]] = deque()
         self._stopping = threading.Event()
         self._seq = Sequencer()
-        self.sampler = Sampler(lm.vocab_size)
-
-        gen_config = GenerationConfig(
-            # Sampling is Sampler's; the engine only takes the token it marks.
-            do_sample=True,
-            temperature=0.7,
-            max_new_tokens=lm.context_length,
-            eos_token_id=lm.eos_token_ids,
-            pad_token_id=lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.eos_token_ids[0],
-        )
-        cb_config = ContinuousBatchingConfig(
-            per_request_processors=True,
-            max_requests_per_batch=max_batch,
-            page_size=PAGE_SIZE,
-            # Without a bound the cache takes most of the machine's memory on CPU.
-            num_blocks=max(max_batch, -(-kv_cache_tokens // PAGE_SIZE)),
-        )
-        self._manager = lm.model.init_continuous_batching(
-            generation_config=gen_config, continuous_batching_config=cb_config
-        )
-        install(self._manager, self.sampler)
-        self._router = _StepRouter(self._steps)
-        self._manager.output_router = self._router
-        self._pump = threading.Thread(target=self._pump_loop, name=f"llmq-pump-{lm.names[0]}", daemon=True)
+        lm.model.set_attn_implementation(ATTENTION)
+        name = lm.names[0]
+        self._loop_thread = threading.Thread(target=self._loop, name=f"llmq-engine-{name}", daemon=True)
+        self._pump = threading.Thread(target=self._pump_loop, name=f"llmq-pump-{name}", daemon=True)
 
     def __repr__(self) -> str:
-        return f"Engine(model={self.lm.names[0]!r}, running={self.running})"
+        return f"Engine(model={self.lm.names[0]!r}, running={self.running}, cache={self.cache!r})"
 
     # ------------------------------------------------------------ control
 
     def start(self) -> None:
-        self._manager.start()
+        self._loop_thread.start()
         self._pump.start()
 
     def stop(self) -> None:
         """Stop the engine; jobs still running end with an error event."""
         self._stopping.set()
-        self._manager.stop(block=True, timeout=10)
+        self._wake.set()
+        self._loop_thread.join(timeout=30)
         with self._lock:
             runs = list(self._runs.values())
         if runs:
@@ -173,8 +211,7 @@ class Engine:
             return sum(1 for r in self._runs.values() if r.job.model == name)
 
     def step_s(self) -> float:
-        times = list(self._router.step_times)
-        return sum(times) / len(times) if times else 0.0
+        return self.profile.mean_step_s()
 
     def tokens_per_s(self) -> float:
         now = time.monotonic()
@@ -186,27 +223,20 @@ class Engine:
         return self._seq.next(job_id)
 
     def submit(self, run: Run) -> None:
-        s = run.job.sampling
-        run.slot_id, run.slot = self.sampler.open(s, None if s.seed is None else s.seed + run.index)
         with self._lock:
             self._runs[run.request_id] = run
-        self._manager.add_request(
-            run.prompt_ids,
-            request_id=run.request_id,
-            max_new_tokens=run.max_tokens,
-            streaming=True,
-            **{SLOT_KWARG: run.slot_id},
-        )
+            self._inbox.append(run)
+        self._wake.set()
 
     def cancel(self, job_id: str) -> bool:
-        """Free the job's batch slots at the next step. True if it was running."""
+        """Free the job's batch rows at the next step. True if it was running."""
         with self._lock:
             runs = [r for r in self._runs.values() if r.job.job_id == job_id]
         for run in runs:
-            self._manager.cancel_request(run.request_id)
-            # After cancel_request no final output arrives, so end the run here.
+            run.dropped = True
             self._end(run, "cancelled")
         if runs:
+            self._wake.set()
             log.info("job %s: cancelled after %d tokens", job_id, sum(r.tokens for r in runs))
         return bool(runs)
 
@@ -215,15 +245,197 @@ class Engine:
             self._runs.pop(run.request_id, None)
             if not any(r.job.job_id == run.job.job_id for r in self._runs.values()):
                 self._seq.forget(run.job.job_id)
-        self.sampler.close(run.slot_id)
         if run.finish_reason is None:
             run.finish_reason = reason
         run.ended.set()
 
+    # ------------------------------------------------------- engine thread
+
+    def _loop(self) -> None:
+        torch.set_num_threads(self.threads)  # per thread under OpenMP; see engine_threads()
+        while not self._stopping.is_set():
+            self._intake()
+            if not self._running and not self._waiting:
+                t = time.monotonic()
+                self._wake.wait(0.5)
+                self._wake.clear()
+                self.profile.add("idle", time.monotonic() - t)
+                continue
+            try:
+                self._step()
+            except Exception as exc:  # one bad step must not end the engine for every later job
+                log.exception("engine step failed; failing the %d sequence(s) in it", len(self._running))
+                failed = [StepOutput(r, None, error=f"{type(exc).__name__}: {exc}") for r in self._running]
+                for run in list(self._running):
+                    self._retire(run)
+                self._steps.put(failed)
+
+    def _intake(self) -> None:
+        with self._lock:
+            new, self._inbox = self._inbox, []
+        for run in new:
+            s = run.job.sampling
+            run.slot = self.sampler.open(s, None if s.seed is None else s.seed + run.index)
+            self._waiting.append(run)
+        for run in [r for r in self._running if r.dropped]:
+            self._retire(run)
+        if any(r.dropped for r in self._waiting):
+            for run in [r for r in self._waiting if r.dropped]:
+                self._waiting.remove(run)
+                self._retire(run)
+
+    def _retire(self, run: Run) -> None:
+        """Give back the run's KV blocks and sampler row (engine thread)."""
+        if run in self._running:
+            self._running.remove(run)
+        self.cache.release(run.blocks)
+        run.blocks = []
+        if run.slot is not None:
+            self.sampler.close(run.slot)
+
+    def _step(self) -> None:
+        t0 = time.monotonic()
+        plan = self._schedule()
+        if not plan:  # nothing fits in memory right now; finishing runs will free some
+            self._wake.wait(0.01)
+            return
+        layout, input_ids, positions, logit_at = self._layout(plan)
+        t1 = time.monotonic()
+        with torch.inference_mode():
+            out = self.lm.model(input_ids=input_ids, position_ids=positions, logits_to_keep=logit_at,
+                                use_cache=False, **{STEP_KWARG: layout})
+        t2 = time.monotonic()
+        sampling = [r for r, n in plan if r.computed + n == len(r.ids)]
+        tokens = self.sampler.sample(out.logits[0], [r.slot for r in sampling]) if sampling else []  # type: ignore[misc]
+        t3 = time.monotonic()
+        outputs = self._advance(plan, dict(zip(map(id, sampling), tokens)))
+        if outputs:
+            self._steps.put(outputs)
+        decode = sum(1 for r, n in plan if n == 1)
+        self.profile.step(decode_rows=decode, prefill_tokens=sum(n for _, n in plan) - decode,
+                          schedule=t1 - t0, forward=t2 - t1, sample=t3 - t2, update=time.monotonic() - t3)
+
+    def _schedule(self) -> list[tuple[Run, int]]:
+        """This step's (run, tokens to compute): decoders first, then prompt chunks."""
+        cache, bs = self.cache, self.cache.block_size
+        plan: list[tuple[Run, int]] = []
+        for run in list(self._running):
+            if len(run.ids) - run.computed == 1 and run in self._running:
+                if run.computed == len(run.blocks) * bs and not self._grow(run):
+                    continue  # preempted itself: it was the newest
+                plan.append((run, 1))
+        budget = self.max_step_tokens - len(plan)
+        for run in self._running:
+            pending = len(run.ids) - run.computed
+            if pending > 1 and budget > 0:
+                n = self._reserve(run, min(pending, budget))
+                if n:
+                    plan.append((run, n))
+                    budget -= n
+        while self._waiting and len(self._running) < self.max_batch and budget > 0:
+            run = self._waiting[0]
+            if not run.blocks and not run.computed:
+                run.blocks, run.hashes = cache.match_prefix(run.ids)
+                run.computed = len(run.blocks) * bs
+                self.profile.add_cached(run.computed)
+            if cache.blocks_for(len(run.ids) + 1) - len(run.blocks) > cache.available():
+                if not self._running:  # even an empty cache cannot hold it
+                    self._waiting.popleft()
+                    self._retire(run)
+                    self._steps.put([StepOutput(run, None, error=(
+                        f"the prompt ({len(run.ids)} tokens) does not fit in this worker's KV cache "
+                        f"({cache.num_blocks * bs} tokens); raise --kv-cache-tokens"))])
+                    continue
+                break  # wait for running sequences to give blocks back
+            self._waiting.popleft()
+            self._running.append(run)
+            n = self._reserve(run, min(len(run.ids) - run.computed, budget))
+            if n:
+                plan.append((run, n))
+                budget -= n
+        return plan
+
+    def _grow(self, run: Run) -> bool:
+        """One more block for a decoding run, preempting the newest runs if
+        memory is out. False if ``run`` itself was the one preempted."""
+        while (block := self.cache.allocate()) is None:
+            victim = self._running[-1]
+            self._preempt(victim)
+            if victim is run:
+                return False
+        run.blocks.append(block)
+        return True
+
+    def _preempt(self, run: Run) -> None:
+        log.info("job %s: KV cache full, preempted after %d tokens; it will be recomputed", run.job.job_id,
+                 run.generated)
+        self._running.remove(run)
+        self.cache.release(run.blocks)
+        run.blocks, run.hashes, run.computed = [], [], 0
+        self._waiting.appendleft(run)
+
+    def _reserve(self, run: Run, n: int) -> int:
+        """Blocks for up to ``n`` more tokens of ``run``; how many it got."""
+        bs = self.cache.block_size
+        while len(run.blocks) * bs < run.computed + n:
+            block = self.cache.allocate()
+            if block is None:
+                return max(0, min(n, len(run.blocks) * bs - run.computed))
+            run.blocks.append(block)
+        return n
+
+    def _layout(self, plan: list[tuple[Run, int]]) -> tuple[StepLayout, torch.Tensor, torch.Tensor, torch.Tensor]:
+        cache = self.cache
+        decode = [r for r, n in plan if n == 1]
+        ids: list[int] = []
+        positions: list[int] = []
+        write: list[int] = []
+        logit_at: list[int] = []
+        chunks: list[Chunk] = []
+        for run, n in plan:  # decoders come first in the plan
+            start, stop = run.computed, run.computed + n
+            if n > 1:
+                read, _ = cache.read_index([run.blocks], [stop])
+                causal = torch.arange(stop).unsqueeze(0) <= torch.arange(start, stop).unsqueeze(1)
+                chunks.append(Chunk(start=len(ids), length=n, read=read[0], mask=causal[None, None]))
+            ids += run.ids[start:stop]
+            positions += range(start, stop)
+            write += cache.rows(run.blocks, start, stop)
+            if stop == len(run.ids):
+                logit_at.append(len(ids) - 1)
+        decode_read = decode_mask = None
+        if decode:
+            decode_read, mask = cache.read_index([r.blocks for r in decode], [r.computed + 1 for r in decode])
+            decode_mask = mask[:, None, None, :]
+        device = self.lm.device
+        layout = StepLayout(cache=cache, write=torch.tensor(write, device=device), decode=len(decode),
+                            decode_read=decode_read, decode_mask=decode_mask, chunks=tuple(chunks))
+        return (layout, torch.tensor([ids], device=device), torch.tensor([positions], device=device),
+                torch.tensor(logit_at, device=device, dtype=torch.long))
+
+    def _advance(self, plan: list[tuple[Run, int]], tokens: dict[int, int]) -> list[StepOutput]:
+        outputs: list[StepOutput] = []
+        for run, n in plan:
+            run.computed += n
+            self.cache.file_full_blocks(run.ids, run.blocks, run.hashes, run.computed)
+            token = tokens.get(id(run))
+            if token is None:
+                continue  # a prompt chunk that does not end the prompt
+            run.ids.append(token)
+            finish: FinishReason | None = None
+            if token in self._eos:
+                finish = "stop"
+            elif run.generated >= run.max_tokens:
+                finish = "length"
+            outputs.append(StepOutput(run, token, finish))
+            if finish:
+                self._retire(run)
+        return outputs
+
     # --------------------------------------------------------------- pump
 
     def _pump_loop(self) -> None:
-        while not self._stopping.is_set():
+        while not (self._stopping.is_set() and self._steps.empty()):
             try:
                 outputs = self._steps.get(timeout=0.5)
             except queue.Empty:
@@ -234,34 +446,37 @@ class Engine:
                     outputs.extend(self._steps.get_nowait())
                 except queue.Empty:
                     break
+            t = time.monotonic()
             try:
                 self._publish_step(outputs)
             except Exception:  # a publish failure must not kill the pump
                 log.exception("publishing a step of %d outputs failed", len(outputs))
+            self.profile.add("publish", time.monotonic() - t)
 
-    def _publish_step(self, outputs: list[GenerationOutput]) -> None:
+    def _publish_step(self, outputs: list[StepOutput]) -> None:
         now = time.monotonic()
+        per_run: dict[Run, list[StepOutput]] = {}
+        for o in outputs:  # several steps may have piled up
+            per_run.setdefault(o.run, []).append(o)
         batch: list[tuple[Run, Delta | Done | Error]] = []
         finished: list[Run] = []
         new_tokens = 0
-        with self._lock:
-            latest = {o.request_id: o for o in outputs}  # several steps may have piled up
-            pairs = [(self._runs.get(rid), o) for rid, o in latest.items()]
-        for run, out in pairs:
-            if run is None:  # cancelled; one chunk may still be in flight
+        for run, outs in per_run.items():
+            if run.finish_reason is not None:  # cancelled or stopped; a step may still have been in flight
                 continue
-            fresh = out.generated_tokens[run.tokens :]
+            error = next((o.error for o in outs if o.error), None)
+            if error is not None:
+                batch.append((run, self._error(run, error)))
+                finished.append(run)
+                continue
+            fresh = [o.token for o in outs if o.token is not None]
+            finish = next((o.finish for o in outs if o.finish), None)
             new_tokens += len(fresh)
             if fresh and run.first_token_at is None:
                 run.first_token_at = now
-            run.tokens = len(out.generated_tokens)
-            if out.status == RequestStatus.FAILED:
-                batch.append((run, self._error(run, out.error or "the engine failed this request")))
-                finished.append(run)
-                continue
-            done = out.status == RequestStatus.FINISHED
+            run.tokens += len(fresh)
             text, stopped = run.stops.feed(run.detok.push(fresh))
-            if done and not stopped:
+            if finish and not stopped:
                 more, stopped = run.stops.feed(run.detok.flush())
                 text += more if stopped else more + run.stops.flush()
             picks = run.slot.take(len(fresh)) if run.slot is not None and run.slot.wants_logprobs else []
@@ -269,10 +484,11 @@ class Engine:
                 batch.append((run, Delta(job_id=run.job.job_id, seq=self._seq.next(run.job.job_id), index=run.index,
                                          text=text, completion_tokens=run.tokens,
                                          logprobs=self._logprobs(picks) if picks else None)))
-            if stopped and not done:
-                self._manager.cancel_request(run.request_id)  # the rest would never be sent
-            if done or stopped:
-                run.finish_reason = "stop" if stopped else self._finish_reason(run, out)
+            if stopped and not finish:
+                run.dropped = True  # the rest would never be sent
+                self._wake.set()
+            if finish or stopped:
+                run.finish_reason = "stop" if stopped else finish
                 batch.append((run, self._done(run, now)))
                 finished.append(run)
         self._recent.append((now, new_tokens))
@@ -293,12 +509,6 @@ class Engine:
             for p in picks
         ]
 
-    def _finish_reason(self, run: Run, out: GenerationOutput) -> FinishReason:
-        last = out.generated_tokens[-1] if out.generated_tokens else None
-        if last in self.lm.eos_token_ids:
-            return "stop"
-        return "length" if len(out.generated_tokens) >= run.max_tokens else "stop"
-
     def _done(self, run: Run, now: float) -> Done:
         first = None if run.first_token_at is None else run.first_token_at - run.submitted
         return Done(
@@ -317,7 +527,10 @@ class Engine:
                      message=f"The model failed while generating: {message}")
 
 
-def engine_kwargs(max_batch: int, kv_cache_tokens: int | None, context_length: int) -> dict[str, Any]:
-    """Default KV cache size: room for every batch slot at 2k tokens (or the
-    context, if shorter); enough for chat on CPU without taking all memory."""
-    return {"max_batch": max_batch, "kv_cache_tokens": kv_cache_tokens or max_batch * min(context_length, 2048)}
+def engine_kwargs(options: Any, context_length: int) -> dict[str, Any]:
+    """Engine arguments from the worker's ``EngineOptions``. Default KV cache
+    size: room for every batch row at 2k tokens (or the context, if shorter);
+    enough for chat on CPU without taking all memory."""
+    return {"max_batch": options.max_batch_size, "max_step_tokens": options.max_step_tokens,
+            "prefix_caching": options.prefix_caching, "threads": options.threads,
+            "kv_cache_tokens": options.kv_cache_tokens or options.max_batch_size * min(context_length, 2048)}

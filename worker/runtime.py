@@ -18,7 +18,7 @@ from broker.schemas import Delta, Embeddings, Error, Heartbeat, Job, ModelInfo, 
 from broker.settings import Settings
 from worker.detok import IncrementalDetokenizer
 from worker.embeddings import EmbeddingModel, InputTooLong
-from worker.engine import Engine, Run, engine_kwargs
+from worker.engine import MAX_STEP_TOKENS, Engine, Run, engine_kwargs
 from worker.heartbeat import Heart
 from worker.loading import LoadedModel
 from worker.prompts import PromptError, prompt_ids
@@ -31,6 +31,9 @@ log = logging.getLogger("llmq.worker")
 class EngineOptions:
     max_batch_size: int = 16
     kv_cache_tokens: int | None = None
+    max_step_tokens: int = MAX_STEP_TOKENS
+    prefix_caching: bool = True
+    threads: int | None = None  # torch CPU threads of each engine thread (engine_threads())
 
 
 class Runtime:
@@ -49,8 +52,7 @@ class Runtime:
             if isinstance(lm, EmbeddingModel):
                 self.embedders.update({name: lm for name in lm.names})
                 continue
-            engine = Engine(lm, self.publisher, **engine_kwargs(options.max_batch_size, options.kv_cache_tokens,
-                                                                 lm.context_length))
+            engine = Engine(lm, self.publisher, **engine_kwargs(options, lm.context_length))
             self._engines.append(engine)
             for name in lm.names:
                 self.engines[name] = engine

@@ -1,39 +1,36 @@
-"""Per-request sampling on top of transformers' continuous batching.
+"""Token choice for a whole engine step at once.
 
-transformers batches the forward pass and owns the KV cache; its stock
-per-request processors know only temperature, top_p and top_k, and its
-sampler draws from one shared RNG. llmq needs more per request: greedy at
-temperature 0, presence and frequency penalties over the request's own
-output, logit_bias, a seed that makes a request reproducible, and logprobs
-with top alternatives taken from the model's raw distribution.
+The engine hands ``Sampler.sample`` the logits of every row that needs a
+next token, ``[R, vocab]``, and each row's ``Slot`` (the request's sampling
+options and state). The choice is one set of tensor operations over the
+batch, whatever mix of options the rows carry:
 
-So the engine gets a single processor, ``Sampler``. Each batch row carries
-the request's slot number (the only per-request tensor argument); the
-sampler looks the request up, picks the next token itself and returns a
-one-hot row (0 for the chosen token, -inf elsewhere), so the engine's own
-sampling step can only take that token. The pick, its logprob and the top
-alternatives wait in the slot until the pump thread reads them.
+1. logit_bias and presence/frequency penalties are added as ``[R, vocab]``
+   tensors (penalties count the request's own output tokens, kept in one
+   shared counts tensor, a row per open slot);
+2. greedy rows (temperature below 1e-5: tiny temperatures overflow float32)
+   take one argmax;
+3. the other rows are divided by their temperature, cut by top-k and top-p
+   on one sort, and drawn by the exponential race (argmax of p / q with
+   q ~ Exp(1)), which equals a multinomial draw; a seeded row draws its q
+   from its own generator, so it is reproducible whatever else is batched;
+4. logprobs (and the top alternatives) come from the model's raw
+   distribution, before penalties and temperature, as OpenAI reports them.
+
+This is the one place where a token is chosen, so grammar masks
+(structured outputs, tool calls) go here too.
 """
 
 from __future__ import annotations
 
-import itertools
-import logging
-import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
 
 from broker.schemas import Sampling
 
-log = logging.getLogger("llmq.worker.sampler")
-
-SLOT_KWARG = "llmq_slot"
 GREEDY_BELOW = 1e-5
-NO_SLOT = -1
 
 
 @dataclass(frozen=True)
@@ -45,128 +42,118 @@ class Pick:
 
 @dataclass(eq=False)
 class Slot:
-    sampling: Sampling
-    vocab_size: int
-    seed: int | None = None
-    counts: dict[int, int] = field(default_factory=dict)  # output token -> times generated
-    picks: deque[Pick] = field(default_factory=deque)
-    generator: torch.Generator | None = None
+    """One request's sampling state while it runs."""
 
-    def __post_init__(self) -> None:
-        if self.seed is not None:
-            self.generator = torch.Generator(device="cpu")
-            self.generator.manual_seed(self.seed)
+    sampling: Sampling
+    row: int  # its row in the sampler's counts tensor
+    generator: torch.Generator | None = None
+    bias: torch.Tensor | None = None  # [vocab], from logit_bias
+    picks: deque[Pick] = field(default_factory=deque)  # waiting for the pump thread
 
     @property
     def wants_logprobs(self) -> bool:
         return self.sampling.logprobs is not None
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.sampling.presence_penalty or self.sampling.frequency_penalty)
 
     def take(self, n: int) -> list[Pick]:
         """The picks of the ``n`` tokens the engine has since delivered."""
         return [self.picks.popleft() for _ in range(min(n, len(self.picks)))]
 
 
-class Sampler(ContinuousBatchingLogitsProcessor):
-    supported_kwargs: dict[str, type] = {SLOT_KWARG: int}
-    ignored_kwargs: tuple[str, ...] = ()
-
-    def __init__(self, vocab_size: int) -> None:
+class Sampler:
+    def __init__(self, vocab_size: int, rows: int = 64) -> None:
         self.vocab_size = vocab_size
-        self._slots: dict[int, Slot] = {}
-        self._ids = itertools.count()
-        self._lock = threading.Lock()
+        self._counts = torch.zeros(rows, vocab_size)  # output tokens so far, per slot row
+        self._free_rows = list(range(rows - 1, -1, -1))
 
-    # ------------------------------------------------------ slot lifecycle
+    def open(self, sampling: Sampling, seed: int | None) -> Slot:
+        """A slot for one choice of one request (called from worker threads
+        before the engine sees it; the engine thread alone samples)."""
+        if not self._free_rows:  # more slots open than rows: double the table
+            n = self._counts.size(0)
+            self._counts = torch.cat([self._counts, torch.zeros_like(self._counts)])
+            self._free_rows = list(range(2 * n - 1, n - 1, -1))
+        row = self._free_rows.pop()
+        self._counts[row].zero_()
+        slot = Slot(sampling=sampling, row=row)
+        if seed is not None:
+            slot.generator = torch.Generator(device="cpu")
+            slot.generator.manual_seed(seed)
+        if sampling.logit_bias:
+            slot.bias = torch.zeros(self.vocab_size)
+            ids = torch.tensor(list(sampling.logit_bias.keys()), dtype=torch.long)
+            slot.bias.index_add_(0, ids, torch.tensor(list(sampling.logit_bias.values()), dtype=torch.float32))
+        return slot
 
-    def open(self, sampling: Sampling, seed: int | None) -> tuple[int, Slot]:
-        slot = Slot(sampling=sampling, vocab_size=self.vocab_size, seed=seed)
-        with self._lock:
-            sid = next(self._ids) % (2**31 - 1)
-            self._slots[sid] = slot
-        return sid, slot
-
-    def close(self, sid: int) -> None:
-        with self._lock:
-            self._slots.pop(sid, None)
-
-    # ----------------------------------------------- transformers' protocol
-
-    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
-        int32_tensor.fill_(NO_SLOT)
-
-    def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
-        ids = [r.state.logit_processor_kwargs.get(SLOT_KWARG, NO_SLOT) for r in requests_with_new_token]
-        return torch.tensor(ids, dtype=torch.int32, device="cpu")
+    def close(self, slot: Slot) -> None:
+        self._free_rows.append(slot.row)
 
     @torch.no_grad()
-    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        rows = scores.size(0)
-        sids = tensor_arg[:rows].tolist()
-        with self._lock:
-            slots = [self._slots.get(s) for s in sids]
-        scores = scores.float()
-        # Logprobs are the model's own distribution, before penalties and temperature.
-        raw_logprobs = torch.log_softmax(scores, dim=-1) if any(s and s.wants_logprobs for s in slots) else None
-        picked = torch.empty(rows, dtype=torch.long)
-        for row, slot in enumerate(slots):
-            if slot is None:  # a request not opened by llmq (none today): greedy
-                picked[row] = int(scores[row].argmax())
-                continue
-            try:
-                tok = self._pick(scores[row], slot)
-            except RuntimeError:
-                # An exception here would kill the engine thread for every job;
-                # degrade this row to greedy and say so.
-                log.exception("sampling failed for slot %s; taking the greedy token", sids[row])
-                tok = int(scores[row].argmax())
-            picked[row] = tok
-            slot.counts[tok] = slot.counts.get(tok, 0) + 1
-            lp = 0.0
-            top: tuple[tuple[int, float], ...] = ()
-            if raw_logprobs is not None and slot.wants_logprobs:
-                lp = float(raw_logprobs[row, tok])
-                n_top = slot.sampling.logprobs or 0
-                if n_top:
-                    values, indices = raw_logprobs[row].topk(n_top)
-                    top = tuple(zip(indices.tolist(), values.tolist()))
-            slot.picks.append(Pick(tok, lp, top))
-        out = torch.full_like(scores, float("-inf"))
-        out.scatter_(1, picked.to(scores.device).unsqueeze(1), 0.0)
-        return out
+    def sample(self, logits: torch.Tensor, slots: list[Slot]) -> list[int]:
+        raw = logits.float().cpu()
+        x = self._adjust(raw, slots)
+        tokens = x.argmax(-1)  # greedy rows keep this
+        temps = torch.tensor([s.sampling.temperature for s in slots])
+        sampled = (temps >= GREEDY_BELOW).nonzero().squeeze(1)
+        if sampled.numel():
+            tokens[sampled] = self._draw(x[sampled] / temps[sampled].unsqueeze(1), [slots[i] for i in sampled.tolist()])
+        penalized = [i for i, s in enumerate(slots) if s.penalized]
+        if penalized:
+            idx = torch.tensor(penalized)
+            rows = torch.tensor([slots[i].row for i in penalized])
+            self._counts.index_put_((rows, tokens[idx]), torch.ones(len(penalized)), accumulate=True)
+        self._record_logprobs(raw, tokens, slots)
+        return tokens.tolist()
 
-    def _pick(self, logits: torch.Tensor, slot: Slot) -> int:
-        s = slot.sampling
-        x = logits
-        if s.logit_bias:
-            idx = torch.tensor(list(s.logit_bias.keys()), dtype=torch.long, device=x.device)
-            x = x.index_add(0, idx, torch.tensor(list(s.logit_bias.values()), dtype=x.dtype, device=x.device))
-        if slot.counts and (s.presence_penalty or s.frequency_penalty):
-            idx = torch.tensor(list(slot.counts.keys()), dtype=torch.long, device=x.device)
-            n = torch.tensor(list(slot.counts.values()), dtype=x.dtype, device=x.device)
-            x = x.index_add(0, idx, -(s.frequency_penalty * n + s.presence_penalty))
-        if s.temperature < GREEDY_BELOW:  # tiny temperatures overflow float32: greedy, as vLLM does
-            return int(x.argmax())
-        x = x / s.temperature
-        if 0 < s.top_k < x.numel():
-            kth = x.topk(s.top_k).values[-1]
-            x = x.masked_fill(x < kth, float("-inf"))
-        if s.top_p < 1.0:
-            sorted_x, order = x.sort(descending=True)
-            cum = sorted_x.softmax(-1).cumsum(-1)
+    def _adjust(self, x: torch.Tensor, slots: list[Slot]) -> torch.Tensor:
+        biased = [i for i, s in enumerate(slots) if s.bias is not None]
+        penalized = [i for i, s in enumerate(slots) if s.penalized]
+        if not biased and not penalized:
+            return x
+        x = x.clone()
+        if biased:
+            x[biased] += torch.stack([slots[i].bias for i in biased])  # type: ignore[misc]
+        if penalized:
+            counts = self._counts[torch.tensor([slots[i].row for i in penalized])]
+            freq = torch.tensor([slots[i].sampling.frequency_penalty for i in penalized]).unsqueeze(1)
+            pres = torch.tensor([slots[i].sampling.presence_penalty for i in penalized]).unsqueeze(1)
+            x[penalized] -= freq * counts + pres * (counts > 0)
+        return x
+
+    def _draw(self, x: torch.Tensor, slots: list[Slot]) -> torch.Tensor:
+        """One token per row of temperature-scaled logits ``x``."""
+        vocab = x.size(1)
+        top_k = torch.tensor([s.sampling.top_k if 0 < s.sampling.top_k < vocab else vocab for s in slots])
+        top_p = torch.tensor([s.sampling.top_p for s in slots])
+        if bool((top_k < vocab).any()) or bool((top_p < 1.0).any()):
+            sorted_x, order = x.sort(-1, descending=True)
+            ranks = torch.arange(vocab).unsqueeze(0)
+            drop = ranks >= top_k.unsqueeze(1)
+            probs = sorted_x.masked_fill(drop, float("-inf")).softmax(-1)
             # keep the smallest prefix whose mass reaches top_p (always the first token)
-            drop = cum - sorted_x.softmax(-1) >= s.top_p
-            x = x.scatter(0, order[drop], float("-inf"))
+            drop |= (probs.cumsum(-1) - probs) >= top_p.unsqueeze(1)
+            x = x.scatter(1, order, sorted_x.masked_fill(drop, float("-inf")))
         probs = x.softmax(-1)
-        return int(torch.multinomial(probs.cpu(), 1, generator=slot.generator))
+        q = torch.empty_like(probs).exponential_()
+        for i, s in enumerate(slots):
+            if s.generator is not None:  # seeded rows only; their own stream of draws
+                q[i].exponential_(generator=s.generator)
+        return (probs / q).argmax(-1)
 
-
-def install(manager: Any, sampler: Sampler) -> None:
-    """Make ``sampler`` the engine's only logits processor (before start)."""
-    from transformers.generation.logits_process import LogitsProcessorList
-
-    procs = manager.logit_processor
-    procs.logits_processor = LogitsProcessorList([sampler])
-    procs.tensors_required = 1
-    procs.supported_keys = dict(Sampler.supported_kwargs)
-    procs.ignored_keys = set()
-    procs.do_processing = True
+    def _record_logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, slots: list[Slot]) -> None:
+        wanted = [i for i, s in enumerate(slots) if s.wants_logprobs]
+        if not wanted:
+            return
+        idx = torch.tensor(wanted)
+        lp = torch.log_softmax(raw[idx], dim=-1)
+        chosen = lp.gather(1, tokens[idx].unsqueeze(1)).squeeze(1).tolist()
+        n_top = max(slots[i].sampling.logprobs or 0 for i in wanted)
+        top_v, top_i = lp.topk(n_top, dim=-1) if n_top else (lp[:, :0], lp[:, :0].long())
+        top_v_l, top_i_l = top_v.tolist(), top_i.tolist()
+        picked = tokens[idx].tolist()
+        for j, i in enumerate(wanted):  # building the picks the pump thread will read
+            n = slots[i].sampling.logprobs or 0
+            slots[i].picks.append(Pick(picked[j], chosen[j], tuple(zip(top_i_l[j][:n], top_v_l[j][:n]))))
