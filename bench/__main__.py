@@ -1,8 +1,9 @@
-"""``python -m bench {http,baseline,compare}``: see ``--help`` of each."""
+"""``python -m bench {http,baseline,compare,profile,turns}``: see ``--help`` of each."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -51,7 +52,56 @@ def parser() -> argparse.ArgumentParser:
     _http_args(c, 32)
     _baseline_args(c, "--baseline-requests", 4)
     _common(c)
+    pr = sub.add_parser("profile", help="the engine's step in-process: where the time goes at a given batch")
+    pr.add_argument("--model-path", required=True, help="model directory, HF id or .gguf (as the worker takes)")
+    pr.add_argument("--batch", type=int, default=16, help="concurrent requests kept running (the batch)")
+    pr.add_argument("--seconds", type=float, default=20.0, help="measured time, after the warm-up")
+    pr.add_argument("--warmup", type=float, default=5.0, help="seconds run before measuring")
+    pr.add_argument("--max-step-tokens", type=int, default=None, help="the worker option of that name")
+    pr.add_argument("--no-prefix-caching", action="store_true", help="the worker option of that name")
+    pr.add_argument("--redis-url", default=None, help="publish here (default: start a redis-server on a free port)")
+    _common(pr)
+    pr.set_defaults(temperature=0.0)
+    t = sub.add_parser("turns", help="time to first token of chat turn 2 after a long turn 1 (prefix caching)")
+    t.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="the API's /v1 URL")
+    t.add_argument("--model", required=True, help="served model name")
+    t.add_argument("--prefix-tokens", type=int, default=1500, help="about this many tokens in turn 1's message")
+    t.add_argument("--conversations", type=int, default=5, help="conversations, one at a time")
+    t.add_argument("--max-tokens", type=int, default=32, help="max new tokens per turn")
+    t.add_argument("--api-key", default=None, help="sent as a Bearer token")
+    t.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures here")
     return ap
+
+
+def _turns(a: argparse.Namespace) -> int:
+    from bench.turns import TurnsConfig, run
+
+    result = run(TurnsConfig(base_url=a.base_url, model=a.model, prefix_tokens=a.prefix_tokens,
+                             conversations=a.conversations, max_tokens=a.max_tokens, api_key=a.api_key))
+    ms = {k: (None if v is None else round(1000 * v, 1)) for k, v in result.items() if k.endswith("_s")}
+    print(f"{result['conversations']} conversations; prompt tokens turn 1 {result['turn1_prompt_tokens']}, "
+          f"turn 2 {result['turn2_prompt_tokens']}; TTFT p50 turn 1 {ms['turn1_ttft_p50_s']} ms, "
+          f"turn 2 {ms['turn2_ttft_p50_s']} ms")
+    _write_json(a.json, result)
+    return 0
+
+
+def _profile(a: argparse.Namespace) -> int:
+    from bench.profile import ProfileConfig, render, run
+
+    result = run(ProfileConfig(model_path=a.model_path, batch=a.batch, seconds=a.seconds, warmup_s=a.warmup,
+                               max_tokens=a.max_tokens, prompt=a.prompt, temperature=a.temperature,
+                               max_step_tokens=a.max_step_tokens, prefix_caching=not a.no_prefix_caching,
+                               redis_url=a.redis_url))
+    render(result)
+    _write_json(a.json, result)
+    return 0 if result["steps"] else 1
+
+
+def _write_json(path: Path | None, result: dict[str, Any]) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def _http(a: argparse.Namespace) -> Figures:
@@ -74,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     from bench.report import render, write_json
 
     a = parser().parse_args(argv)
+    if a.cmd == "profile":
+        return _profile(a)
+    if a.cmd == "turns":
+        return _turns(a)
     # On a shared host other load skews every figure; record it so a reader can tell.
     load_start = os.getloadavg()
     runs: list[Figures] = []

@@ -121,6 +121,7 @@ class StreamRecorder:
             if r.t_first is None:
                 r.t_first = t
             r.chunk_times.append(t)
+            r.text += c.content
         if c.finish_reason:
             r.finish_reason = c.finish_reason
         if c.usage:

@@ -20,6 +20,7 @@ class RequestResult:
     finish_reason: str | None = None
     t_end: float | None = None
     error: str | None = None
+    text: str = ""  # the answer, for a next turn
 
     @property
     def ok(self) -> bool:

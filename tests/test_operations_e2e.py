@@ -136,12 +136,15 @@ def test_flower_sees_workers_queues_and_tasks_without_prompts(stack: Stack) -> N
             fut = pool.submit(lambda: openai.OpenAI(base_url=stack.v1, api_key="x", max_retries=0).chat.completions
                               .create(model=stack.model, messages=[{"role": "user", "content": secret}], max_tokens=48))
             queues: dict = {}
+            names: list[str] = []
             deadline = time.monotonic() + 30
-            while not fut.done() and time.monotonic() < deadline:  # while the job runs
+            # Flower learns a worker's queues by inspecting it, which may take
+            # longer than the job itself: poll until it shows, not until the job ends.
+            while f"llmq.{stack.model}" not in names and time.monotonic() < deadline:
                 queues = httpx.get(f"{base}/api/queues/length", auth=auth, timeout=5).json()
+                names = [q["name"] for q in queues.get("active_queues", [])]
                 time.sleep(0.2)
             job_id = fut.result().id
-        names = [q["name"] for q in queues.get("active_queues", [])]
         assert f"llmq.{stack.model}" in names, queues
 
         def task() -> dict:  # type: ignore[type-arg]

@@ -167,6 +167,7 @@ class Engine:
         self._recent: deque[tuple[float, int]] = deque()
         self._stopping = threading.Event()
         self._seq = Sequencer()
+        self.preemptions = 0
         lm.model.set_attn_implementation(ATTENTION)
         name = lm.names[0]
         self._loop_thread = threading.Thread(target=self._loop, name=f"llmq-engine-{name}", daemon=True)
@@ -369,6 +370,7 @@ class Engine:
     def _preempt(self, run: Run) -> None:
         log.info("job %s: KV cache full, preempted after %d tokens; it will be recomputed", run.job.job_id,
                  run.generated)
+        self.preemptions += 1
         self._running.remove(run)
         self.cache.release(run.blocks)
         run.blocks, run.hashes, run.computed = [], [], 0
