@@ -29,6 +29,8 @@ def _http_args(p: argparse.ArgumentParser, requests: int) -> None:
     p.add_argument("--concurrency", type=int, default=16, help="concurrent streaming clients")
     p.add_argument("--requests", type=int, default=requests, help="requests in the HTTP run")
     p.add_argument("--api-key", default=None, help="sent as a Bearer token")
+    p.add_argument("--unique-prompts", action="store_true",
+                   help="number each prompt, so requests share no cached prefix (measures prefill)")
 
 
 def _baseline_args(p: argparse.ArgumentParser, flag: str, requests: int) -> None:
@@ -59,6 +61,7 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--warmup", type=float, default=5.0, help="seconds run before measuring")
     pr.add_argument("--max-step-tokens", type=int, default=None, help="the worker option of that name")
     pr.add_argument("--no-prefix-caching", action="store_true", help="the worker option of that name")
+    pr.add_argument("--unique-prompts", action="store_true", help="as for http: requests share no cached prefix")
     pr.add_argument("--redis-url", default=None, help="publish here (default: start a redis-server on a free port)")
     _common(pr)
     pr.set_defaults(temperature=0.0)
@@ -92,7 +95,7 @@ def _profile(a: argparse.Namespace) -> int:
     result = run(ProfileConfig(model_path=a.model_path, batch=a.batch, seconds=a.seconds, warmup_s=a.warmup,
                                max_tokens=a.max_tokens, prompt=a.prompt, temperature=a.temperature,
                                max_step_tokens=a.max_step_tokens, prefix_caching=not a.no_prefix_caching,
-                               redis_url=a.redis_url))
+                               unique_prompts=a.unique_prompts, redis_url=a.redis_url))
     render(result)
     _write_json(a.json, result)
     return 0 if result["steps"] else 1
@@ -109,7 +112,7 @@ def _http(a: argparse.Namespace) -> Figures:
 
     return run(HttpConfig(base_url=a.base_url, model=a.model, prompt=a.prompt, concurrency=a.concurrency,
                           requests=a.requests, max_tokens=a.max_tokens, temperature=a.temperature,
-                          api_key=a.api_key))
+                          api_key=a.api_key, unique_prompts=a.unique_prompts))
 
 
 def _baseline(a: argparse.Namespace) -> Figures:

@@ -27,14 +27,16 @@ class HttpConfig:
     api_key: str | None = None
     timeout_s: float = 600.0
     warmup: int = 1
+    unique_prompts: bool = False  # number each prompt, so no two share a cached prefix beyond the template's
 
 
-def payload(cfg: HttpConfig, max_tokens: int | None = None) -> dict[str, Any]:
+def payload(cfg: HttpConfig, max_tokens: int | None = None, number: int | None = None) -> dict[str, Any]:
     # No ignore_eos in the API: usage counts the real tokens instead, and a
     # prompt that asks for a long answer keeps most requests at max_tokens.
+    prompt = cfg.prompt if number is None or not cfg.unique_prompts else f"Request {number}. {cfg.prompt}"
     return {
         "model": cfg.model,
-        "messages": [{"role": "user", "content": cfg.prompt}],
+        "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens or cfg.max_tokens,
         "temperature": cfg.temperature,
         "stream": True,
@@ -80,8 +82,8 @@ async def run_async(cfg: HttpConfig) -> Figures:
         results: list[RequestResult] = []
 
         async def client_loop() -> None:
-            for _ in remaining:  # the shared iterator hands each request to exactly one loop
-                results.append(await one_request(client, url, payload(cfg)))
+            for number in remaining:  # the shared iterator hands each request to exactly one loop
+                results.append(await one_request(client, url, payload(cfg, number=number)))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(client_loop() for _ in range(min(cfg.concurrency, cfg.requests))))

@@ -49,6 +49,7 @@ class ProfileConfig:
     temperature: float = 0.0
     max_step_tokens: int | None = None
     prefix_caching: bool = True
+    unique_prompts: bool = False  # as ``bench http --unique-prompts``
     redis_url: str | None = None
 
 
@@ -111,8 +112,10 @@ def run(cfg: ProfileConfig) -> dict[str, Any]:
 
         def client() -> None:
             while not stop.is_set():
-                job = Job(job_id=f"profile-{next(counter)}", model=lm.names[0], kind="chat", reply_channel=channel,
-                          submitted_at=time.time(), messages=[Message(role="user", content=cfg.prompt)],
+                number = next(counter)
+                prompt = f"Request {number}. {cfg.prompt}" if cfg.unique_prompts else cfg.prompt
+                job = Job(job_id=f"profile-{number}", model=lm.names[0], kind="chat", reply_channel=channel,
+                          submitted_at=time.time(), messages=[Message(role="user", content=prompt)],
                           sampling=Sampling(temperature=cfg.temperature, max_tokens=cfg.max_tokens))
                 ids = prompt_ids(lm.tokenizer, job, lm.vocab_size)
                 run_ = Run(job=job, index=0, prompt_ids=ids, max_tokens=cfg.max_tokens, queue_s=0.0,

@@ -180,3 +180,33 @@ def test_baseline_real_model_one_request() -> None:
     if f.output_tokens > 1:
         assert f.itl_p50_s is not None and f.itl_p50_s > 0
     assert f.mean_prompt_tokens is not None and f.mean_prompt_tokens > 0
+
+
+# -- the engine profile and the chat-turns run -------------------------------
+
+@pytest.mark.skipif(not (DEMO / "config.json").is_file(),
+                    reason=f"demo model not built at {DEMO} (run `llmq demo-model` or `make test`)")
+def test_profile_runs_the_real_engine_and_accounts_for_its_steps(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.profile import PHASE_HELP, ProfileConfig, render, run
+
+    result = run(ProfileConfig(model_path=str(DEMO), batch=2, seconds=2.0, warmup_s=1.0, max_tokens=8))
+    assert result["steps"] > 0 and result["output_tokens_per_s"] > 0
+    assert result["events_received"] > 0  # published through the real Redis and read back
+    assert set(result["phases_ms"]) == set(PHASE_HELP)
+    assert result["phases_ms"]["forward"] > 0
+    assert result["step_ms"] >= result["phases_ms"]["forward"]
+    assert 0 < result["mean_decode_rows"] <= 2
+    render(result)
+    out = capsys.readouterr().out
+    assert "forward" in out and "busy step" in out
+
+
+@pytest.mark.e2e
+def test_turns_sends_turn_one_as_history_of_turn_two(stack) -> None:  # type: ignore[no-untyped-def]
+    from bench.turns import TurnsConfig, run
+
+    result = run(TurnsConfig(base_url=stack.v1, model=stack.model, prefix_tokens=300, conversations=1, max_tokens=8))
+    print(result)
+    assert result["turn1_prompt_tokens"] >= 250  # type: ignore[operator]
+    assert result["turn2_prompt_tokens"] > result["turn1_prompt_tokens"]  # type: ignore[operator]
+    assert result["turn1_ttft_p50_s"] and result["turn2_ttft_p50_s"]
