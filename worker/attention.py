@@ -32,12 +32,14 @@ STEP_KWARG = "llmq_step"
 @dataclass(frozen=True, kw_only=True)
 class Chunk:
     """A prefill chunk: ``length`` query tokens at ``start`` in the step's
-    flat sequence, attending over the ``read`` rows of its sequence."""
+    flat sequence, attending over the ``read`` rows of its sequence. A chunk
+    that begins its sequence (no ``read``) attends over its own new keys
+    alone: nothing to gather, and SDPA's causal path skips the masked half."""
 
     start: int
     length: int
-    read: torch.Tensor  # [keys] cache rows, position order
-    mask: torch.Tensor  # [1, 1, length, keys] bool, causal with the cached offset
+    read: torch.Tensor | None = None  # [keys] cache rows, position order
+    mask: torch.Tensor | None = None  # [1, 1, length, keys] bool, causal with the cached offset
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,10 +78,15 @@ def paged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
                                              attn_mask=step.decode_mask, scale=scaling, enable_gqa=True)
         parts.append(out.squeeze(2))  # [B, H, D]
     for c in step.chunks:
-        qc = q[:, c.start : c.start + c.length].unsqueeze(0)  # [1, H, n, D]
-        out = F.scaled_dot_product_attention(qc, _gather(keys, c.read).unsqueeze(0),
-                                             _gather(values, c.read).unsqueeze(0), attn_mask=c.mask,
-                                             scale=scaling, enable_gqa=True)
+        span = slice(c.start, c.start + c.length)
+        qc = q[:, span].unsqueeze(0)  # [1, H, n, D]
+        if c.read is None:
+            out = F.scaled_dot_product_attention(qc, key[:, :, span], value[:, :, span], is_causal=True,
+                                                 scale=scaling, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(qc, _gather(keys, c.read).unsqueeze(0),
+                                                 _gather(values, c.read).unsqueeze(0), attn_mask=c.mask,
+                                                 scale=scaling, enable_gqa=True)
         parts.append(out[0].transpose(0, 1))  # [n, H, D]
     return torch.cat(parts).unsqueeze(0), None  # [1, T, H, D], as transformers' sdpa returns it
 

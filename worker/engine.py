@@ -396,7 +396,9 @@ class Engine:
         chunks: list[Chunk] = []
         for run, n in plan:  # decoders come first in the plan
             start, stop = run.computed, run.computed + n
-            if n > 1:
+            if n > 1 and start == 0:
+                chunks.append(Chunk(start=len(ids), length=n))
+            elif n > 1:
                 read, _ = cache.read_index([run.blocks], [stop])
                 causal = torch.arange(stop).unsqueeze(0) <= torch.arange(start, stop).unsqueeze(1)
                 chunks.append(Chunk(start=len(ids), length=n, read=read[0], mask=causal[None, None]))
