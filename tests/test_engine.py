@@ -106,7 +106,8 @@ def make_long_run(engine: Engine, i: int, words: int, max_tokens: int) -> Run:
                detok=IncrementalDetokenizer(engine.lm.tokenizer, ids))
 
 
-def test_prefix_cache_serves_a_repeated_prompt_and_changes_no_token(engine_and_publisher) -> None:  # type: ignore[no-untyped-def]
+def test_prefix_cache_serves_a_repeated_prompt_and_changes_no_token(  # type: ignore[no-untyped-def]
+        engine_and_publisher) -> None:
     engine, pub = engine_and_publisher
     first = make_long_run(engine, 1, 200, 24)
     engine.submit(first)

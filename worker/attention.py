@@ -65,17 +65,22 @@ def paged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
                     **kwargs: Any) -> tuple[torch.Tensor, None]:
     step: StepLayout = kwargs[STEP_KWARG]
     layer = module.layer_idx
-    keys, values = step.cache.keys[layer], step.cache.values[layer]
+    cache = step.cache
+    if cache.keys[layer].device != key.device:  # a model spread over GPUs: each layer's cache moves to it, once
+        cache.keys[layer], cache.values[layer] = cache.keys[layer].to(key.device), cache.values[layer].to(key.device)
+    keys, values = cache.keys[layer], cache.values[layer]
     # [1, kv_heads, T, D] -> [T, kv_heads, D], one row per new token
-    keys.index_copy_(0, step.write, key[0].transpose(0, 1))
-    values.index_copy_(0, step.write, value[0].transpose(0, 1))
+    write = step.write.to(key.device)  # no-op unless the model is spread over devices
+    keys.index_copy_(0, write, key[0].transpose(0, 1))
+    values.index_copy_(0, write, value[0].transpose(0, 1))
     q = query[0]  # [H, T, D]
     parts: list[torch.Tensor] = []
     if step.decode:
         assert step.decode_read is not None
         qd = q[:, : step.decode].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
-        out = F.scaled_dot_product_attention(qd, _gather(keys, step.decode_read), _gather(values, step.decode_read),
-                                             attn_mask=step.decode_mask, scale=scaling, enable_gqa=True)
+        read, mask = step.decode_read.to(key.device), step.decode_mask.to(key.device)  # type: ignore[union-attr]
+        out = F.scaled_dot_product_attention(qd, _gather(keys, read), _gather(values, read), attn_mask=mask,
+                                             scale=scaling, enable_gqa=True)
         parts.append(out.squeeze(2))  # [B, H, D]
     for c in step.chunks:
         span = slice(c.start, c.start + c.length)
@@ -84,8 +89,9 @@ def paged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
             out = F.scaled_dot_product_attention(qc, key[:, :, span], value[:, :, span], is_causal=True,
                                                  scale=scaling, enable_gqa=True)
         else:
-            out = F.scaled_dot_product_attention(qc, _gather(keys, c.read).unsqueeze(0),
-                                                 _gather(values, c.read).unsqueeze(0), attn_mask=c.mask,
+            read = c.read.to(key.device)
+            out = F.scaled_dot_product_attention(qc, _gather(keys, read).unsqueeze(0),
+                                                 _gather(values, read).unsqueeze(0), attn_mask=c.mask.to(key.device),
                                                  scale=scaling, enable_gqa=True)
         parts.append(out[0].transpose(0, 1))  # [n, H, D]
     return torch.cat(parts).unsqueeze(0), None  # [1, T, H, D], as transformers' sdpa returns it

@@ -307,7 +307,8 @@ class Engine:
                                 use_cache=False, **{STEP_KWARG: layout})
         t2 = time.monotonic()
         sampling = [r for r, n in plan if r.computed + n == len(r.ids)]
-        tokens = self.sampler.sample(out.logits[0], [r.slot for r in sampling]) if sampling else []  # type: ignore[misc]
+        slots: list[Slot] = [r.slot for r in sampling if r.slot is not None]
+        tokens = self.sampler.sample(out.logits[0], slots) if slots else []
         t3 = time.monotonic()
         outputs = self._advance(plan, dict(zip(map(id, sampling), tokens)))
         if outputs:
@@ -387,7 +388,7 @@ class Engine:
         return n
 
     def _layout(self, plan: list[tuple[Run, int]]) -> tuple[StepLayout, torch.Tensor, torch.Tensor, torch.Tensor]:
-        cache = self.cache
+        cache, device = self.cache, self.lm.device
         decode = [r for r, n in plan if n == 1]
         ids: list[int] = []
         positions: list[int] = []
@@ -401,7 +402,8 @@ class Engine:
             elif n > 1:
                 read, _ = cache.read_index([run.blocks], [stop])
                 causal = torch.arange(stop).unsqueeze(0) <= torch.arange(start, stop).unsqueeze(1)
-                chunks.append(Chunk(start=len(ids), length=n, read=read[0], mask=causal[None, None]))
+                chunks.append(Chunk(start=len(ids), length=n, read=read[0].to(device),
+                                    mask=causal[None, None].to(device)))
             ids += run.ids[start:stop]
             positions += range(start, stop)
             write += cache.rows(run.blocks, start, stop)
@@ -409,9 +411,8 @@ class Engine:
                 logit_at.append(len(ids) - 1)
         decode_read = decode_mask = None
         if decode:
-            decode_read, mask = cache.read_index([r.blocks for r in decode], [r.computed + 1 for r in decode])
-            decode_mask = mask[:, None, None, :]
-        device = self.lm.device
+            read, mask = cache.read_index([r.blocks for r in decode], [r.computed + 1 for r in decode])
+            decode_read, decode_mask = read.to(device), mask[:, None, None, :].to(device)
         layout = StepLayout(cache=cache, write=torch.tensor(write, device=device), decode=len(decode),
                             decode_read=decode_read, decode_mask=decode_mask, chunks=tuple(chunks))
         return (layout, torch.tensor([ids], device=device), torch.tensor([positions], device=device),
