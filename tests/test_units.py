@@ -194,3 +194,16 @@ def test_names_live_in_one_place() -> None:
     assert queue_name("smol") == "llmq.smol"
     ev = parse_event(Delta(job_id="j", seq=3, text="é", completion_tokens=4).model_dump_json())
     assert isinstance(ev, Delta) and ev.text == "é"
+
+
+def test_sampler_draws_follow_the_distribution() -> None:
+    """Temperature 1 over logits log([0.5, 0.3, 0.2, 0]): the draw frequencies
+    match, and the zero-probability token is never drawn."""
+    probs = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    sampler = Sampler(vocab_size=4)
+    slots = [sampler.open(Sampling(temperature=1.0), seed=None) for _ in range(2000)]
+    tokens = sampler.sample(probs.log().expand(2000, 4).clone(), slots) + sampler.sample(
+        probs.log().expand(2000, 4).clone(), slots)
+    freq = torch.bincount(torch.tensor(tokens), minlength=4).float() / len(tokens)
+    assert freq[3] == 0
+    assert torch.allclose(freq[:3], probs[:3], atol=0.05), freq

@@ -314,7 +314,7 @@ class Engine:
         if outputs:
             self._steps.put(outputs)
         decode = sum(1 for r, n in plan if n == 1)
-        self.profile.step(decode_rows=decode, prefill_tokens=sum(n for _, n in plan) - decode,
+        self.profile.step(decode_rows=decode, prefill_tokens=sum(n for _, n in plan) - decode, sampled=len(tokens),
                           schedule=t1 - t0, forward=t2 - t1, sample=t3 - t2, update=time.monotonic() - t3)
 
     def _schedule(self) -> list[tuple[Run, int]]:

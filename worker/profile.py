@@ -20,6 +20,7 @@ PHASES = ("schedule", "forward", "sample", "update", "publish", "idle")
 class StepTotals:
     steps: int = 0
     decode_rows: int = 0  # sequences that got one token
+    sampled: int = 0  # tokens chosen (decode rows, and prompts that finished in the step)
     prefill_tokens: int = 0  # prompt tokens computed
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     schedule: float = 0.0
@@ -40,12 +41,13 @@ class StepProfile:
         self._totals = StepTotals()
         self.recent: deque[float] = deque(maxlen=32)  # busy time of recent steps, for the heartbeat
 
-    def step(self, *, decode_rows: int, prefill_tokens: int, schedule: float, forward: float, sample: float,
+    def step(self, *, decode_rows: int, prefill_tokens: int, sampled: int, schedule: float, forward: float, sample: float,
              update: float) -> None:
         with self._lock:
             t = self._totals
             t.steps += 1
             t.decode_rows += decode_rows
+            t.sampled += sampled
             t.prefill_tokens += prefill_tokens
             t.schedule += schedule
             t.forward += forward

@@ -11,9 +11,10 @@ batch, whatever mix of options the rows carry:
 2. greedy rows (temperature below 1e-5: tiny temperatures overflow float32)
    take one argmax;
 3. the other rows are divided by their temperature, cut by top-k and top-p
-   on one sort, and drawn by the exponential race (argmax of p / q with
-   q ~ Exp(1)), which equals a multinomial draw; a seeded row draws its q
-   from its own generator, so it is reproducible whatever else is batched;
+   on one sort, and drawn by inverse transform: one uniform number per row
+   against the row's cumulative distribution (a multinomial draw); a seeded
+   row draws its number from its own generator, so it is reproducible
+   whatever else is batched;
 4. logprobs (and the top alternatives) come from the model's raw
    distribution, before penalties and temperature, as OpenAI reports them.
 
@@ -95,10 +96,15 @@ class Sampler:
     def sample(self, logits: torch.Tensor, slots: list[Slot]) -> list[int]:
         raw = logits.float().cpu()
         x = self._adjust(raw, slots)
-        tokens = x.argmax(-1)  # greedy rows keep this
         temps = torch.tensor([s.sampling.temperature for s in slots])
-        sampled = (temps >= GREEDY_BELOW).nonzero().squeeze(1)
-        if sampled.numel():
+        hot = temps >= GREEDY_BELOW
+        if not bool(hot.any()):
+            tokens = x.argmax(-1)
+        else:
+            tokens = torch.empty(len(slots), dtype=torch.long)
+            greedy, sampled = (~hot).nonzero().squeeze(1), hot.nonzero().squeeze(1)
+            if greedy.numel():
+                tokens[greedy] = x[greedy].argmax(-1)
             tokens[sampled] = self._draw(x[sampled] / temps[sampled].unsqueeze(1), [slots[i] for i in sampled.tolist()])
         penalized = [i for i, s in enumerate(slots) if s.penalized]
         if penalized:
@@ -136,12 +142,15 @@ class Sampler:
             # keep the smallest prefix whose mass reaches top_p (always the first token)
             drop |= (probs.cumsum(-1) - probs) >= top_p.unsqueeze(1)
             x = x.scatter(1, order, sorted_x.masked_fill(drop, float("-inf")))
-        probs = x.softmax(-1)
-        q = torch.empty_like(probs).exponential_()
+        cdf = x.softmax(-1).cumsum_(-1)
+        u = torch.rand(len(slots), 1)
         for i, s in enumerate(slots):
-            if s.generator is not None:  # seeded rows only; their own stream of draws
-                q[i].exponential_(generator=s.generator)
-        return (probs / q).argmax(-1)
+            if s.generator is not None:  # seeded rows only: one draw each from their own stream
+                u[i] = torch.rand(1, generator=s.generator)
+        # The first token whose cumulative probability passes u: one uniform per
+        # row, where multinomial or an exponential race over the vocabulary cost
+        # 13-15 ms for 16 rows here. ``right`` never lands on a zero-probability token.
+        return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=vocab - 1)
 
     def _record_logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, slots: list[Slot]) -> None:
         wanted = [i for i, s in enumerate(slots) if s.wants_logprobs]
