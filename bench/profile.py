@@ -133,6 +133,8 @@ def run(cfg: ProfileConfig) -> dict[str, Any]:
         wall = time.monotonic() - t0
         stop.set()
         engine.stop()
+        for c in clients:  # none may outlive this call (see Engine.stop)
+            c.join(timeout=5)
         reader.join(timeout=2)
         pubsub.close()
     per_step = totals.per_step_ms()

@@ -201,6 +201,9 @@ class Engine:
                 log.exception("could not tell %d job(s) that the worker stops", len(runs))
         for run in runs:
             self._end(run, "cancelled")
+        # No thread of ours may outlive stop(): a daemon thread still blocked
+        # in native code when the interpreter finalizes aborts the process.
+        self._pump.join(timeout=5)
 
     @property
     def running(self) -> int:
