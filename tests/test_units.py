@@ -207,3 +207,21 @@ def test_sampler_draws_follow_the_distribution() -> None:
     freq = torch.bincount(torch.tensor(tokens), minlength=4).float() / len(tokens)
     assert freq[3] == 0
     assert torch.allclose(freq[:3], probs[:3], atol=0.05), freq
+
+
+def test_attention_limits_cap_sliding_windows_and_refuse_softcapping() -> None:
+    from types import SimpleNamespace
+
+    from worker.loading import _attention_limits
+
+    def model(**cfg: object) -> SimpleNamespace:
+        config = SimpleNamespace(**cfg)
+        return SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: config))
+
+    spec = ModelSpec(path="m")
+    assert _attention_limits(spec, model(), 8192) == 8192
+    assert _attention_limits(spec, model(sliding_window=4096), 32768) == 4096  # full attention agrees up to the window
+    assert _attention_limits(spec, model(sliding_window=4096, use_sliding_window=False), 32768) == 32768
+    assert _attention_limits(spec, model(sliding_window=65536), 32768) == 32768
+    with pytest.raises(ModelLoadError, match="soft-capping"):
+        _attention_limits(spec, model(attn_logit_softcapping=50.0), 8192)

@@ -161,7 +161,7 @@ def load(spec: ModelSpec) -> LoadedModel:
             f"--model-path {spec.path}: the tokenizer has no chat template; pass --chat-template FILE"
         )
 
-    context = spec.context_length or _model_context(model)
+    context = _attention_limits(spec, model, spec.context_length or _model_context(model))
     eos = model.generation_config.eos_token_id if model.generation_config else None
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
@@ -171,6 +171,22 @@ def load(spec: ModelSpec) -> LoadedModel:
              quant, model.get_memory_footprint() // 2**20, context)
     return LoadedModel(spec=spec, model=model, tokenizer=tokenizer, context_length=context, device=device,
                        eos_token_ids=eos_ids)
+
+
+def _attention_limits(spec: ModelSpec, model: Any, context: int) -> int:
+    """What llmq's paged attention (``worker/attention.py``: full causal SDPA)
+    can serve of this model: logit soft-capping it cannot do, so such a model
+    is refused; a sliding window shorter than the context it does not apply,
+    so the context is capped at the window, where the two agree."""
+    cfg = model.config.get_text_config()
+    if getattr(cfg, "attn_logit_softcapping", None):
+        raise ModelLoadError(f"--model-path {spec.path}: attention logit soft-capping is not supported by llmq's engine")
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    if isinstance(window, int) and 0 < window < context:
+        log.warning("%s: sliding-window attention (%d tokens); serving a context of %d tokens, not %d",
+                    spec.path, window, window, context)
+        return window
+    return context
 
 
 def _model_context(model: Any) -> int:
