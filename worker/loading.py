@@ -180,7 +180,8 @@ def _attention_limits(spec: ModelSpec, model: Any, context: int) -> int:
     so the context is capped at the window, where the two agree."""
     cfg = model.config.get_text_config()
     if getattr(cfg, "attn_logit_softcapping", None):
-        raise ModelLoadError(f"--model-path {spec.path}: attention logit soft-capping is not supported by llmq's engine")
+        raise ModelLoadError(f"--model-path {spec.path}: attention logit soft-capping is not supported "
+                             "by llmq's engine")
     window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
     if isinstance(window, int) and 0 < window < context:
         log.warning("%s: sliding-window attention (%d tokens); serving a context of %d tokens, not %d",

@@ -41,8 +41,8 @@ class StepProfile:
         self._totals = StepTotals()
         self.recent: deque[float] = deque(maxlen=32)  # busy time of recent steps, for the heartbeat
 
-    def step(self, *, decode_rows: int, prefill_tokens: int, sampled: int, schedule: float, forward: float, sample: float,
-             update: float) -> None:
+    def step(self, *, decode_rows: int, prefill_tokens: int, sampled: int, schedule: float, forward: float,
+             sample: float, update: float) -> None:
         with self._lock:
             t = self._totals
             t.steps += 1
