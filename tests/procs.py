@@ -20,6 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 DEMO_MODEL_DIR = ROOT / "models" / "smollm2-135m-instruct"
 DEMO_MODEL = "smollm2-135m-instruct"
+# logit_bias that bans the demo model's end tokens (<|im_end|>, <|endoftext|>): for
+# answers that must still be running when a test acts, however fast the engine.
+NO_END_BIAS = {"2": -100, "0": -100}
 
 
 def free_port() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 import redis
 
 from tests.conftest import HEARTBEAT_TTL_S, Stack
-from tests.procs import Proc, start_api, start_redis, start_worker, wait_for, wait_model
+from tests.procs import NO_END_BIAS, Proc, start_api, start_redis, start_worker, wait_for, wait_model
 
 pytestmark = pytest.mark.e2e
 
@@ -105,19 +106,22 @@ def test_redis_restart_under_load(tmp_path: Path) -> None:
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
     try:
         wait_model(base, "restart-model", worker)
+        streaming = [threading.Event(), threading.Event()]
         with ThreadPoolExecutor(max_workers=2) as pool:
-            def long_stream() -> str:
+            def long_stream(i: int) -> str:
                 try:
                     for _ in client.chat.completions.create(
                             model="restart-model", messages=[{"role": "user", "content": "Tell a long story."}],
                             max_tokens=400, stream=True):
-                        pass
+                        streaming[i].set()
                     return "completed"
                 except openai.APIError as exc:
                     return f"error: {exc.message}"
 
-            inflight = [pool.submit(long_stream) for _ in range(2)]
-            time.sleep(2)
+            inflight = [pool.submit(long_stream, i) for i in range(2)]
+            # Both streams under way, then Redis goes: a fixed sleep let a fast
+            # engine finish a short story before the restart.
+            assert all(e.wait(60) for e in streaming)
             redis_proc.stop()
             outcomes = [f.result(timeout=60) for f in inflight]
         print("in-flight requests:", outcomes)
@@ -165,7 +169,7 @@ def test_client_hangups_free_the_slot_and_skip_queued_jobs(stack: Stack) -> None
     try:
         wait_model(stack.base_url, "single-model", single)
         body = {"model": "single-model", "messages": [{"role": "user", "content": "Tell a long story."}],
-                "max_tokens": 300, "stream": True}
+                "max_tokens": 300, "stream": True, "logit_bias": NO_END_BIAS}
         with httpx.Client(timeout=60) as http:
             with http.stream("POST", f"{stack.v1}/chat/completions", json=body) as resp:
                 job_a = resp.headers["x-request-id"]
