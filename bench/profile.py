@@ -26,6 +26,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from broker.keys import Keys
 from broker.schemas import Job, Message, Sampling
 
 PHASE_HELP = {
@@ -91,7 +92,7 @@ def run(cfg: ProfileConfig) -> dict[str, Any]:
     lm = load(ModelSpec(path=cfg.model_path))
     with redis_server(cfg.redis_url) as url:
         r = redis.Redis.from_url(url)
-        channel = "llmq:bench:profile"
+        channel = Keys().reply_channel("bench-profile")  # as an API process's, so Redis sees the same traffic
         pubsub = r.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(channel)
         stop = threading.Event()
