@@ -112,11 +112,11 @@ def test_prefix_cache_serves_a_repeated_prompt_and_changes_no_token(  # type: ig
     first = make_long_run(engine, 1, 200, 24)
     engine.submit(first)
     assert first.ended.wait(120)
-    hits = engine.cache.hits
+    hits = engine.profile.snapshot().cached_tokens
     again = make_long_run(engine, 1, 200, 24)
     engine.submit(again)
     assert again.ended.wait(120)
-    reused = engine.cache.hits - hits
+    reused = engine.profile.snapshot().cached_tokens - hits
     print(f"prompt {len(again.prompt_ids)} tokens, {reused} served from the prefix cache")
     bs = engine.cache.block_size
     assert reused == (len(again.prompt_ids) - 1) // bs * bs  # every full block but the last token's

@@ -283,10 +283,9 @@ class Engine:
             self._waiting.append(run)
         for run in [r for r in self._running if r.dropped]:
             self._retire(run)
-        if any(r.dropped for r in self._waiting):
-            for run in [r for r in self._waiting if r.dropped]:
-                self._waiting.remove(run)
-                self._retire(run)
+        for run in [r for r in self._waiting if r.dropped]:
+            self._waiting.remove(run)
+            self._retire(run)
 
     def _retire(self, run: Run) -> None:
         """Give back the run's KV blocks and sampler row (engine thread)."""

@@ -41,7 +41,6 @@ class KVCache:
         self._hash_of: dict[int, int] = {}  # block -> chain hash of the tokens up to its end
         self._by_hash: dict[int, int] = {}  # chain hash -> block
         self._cached: OrderedDict[int, None] = OrderedDict()  # hashed blocks nobody holds, oldest first
-        self.hits = 0  # prompt tokens served from the cache, for the profile and logs
 
     def __repr__(self) -> str:
         return (f"KVCache(blocks={self.num_blocks}, block_size={self.block_size}, free={self.available()}, "
@@ -93,7 +92,6 @@ class KVCache:
             self._refs[block] += 1
             blocks.append(block)
             hashes.append(h)
-        self.hits += len(blocks) * bs
         return blocks, hashes
 
     def file_full_blocks(self, tokens: Sequence[int], blocks: Sequence[int], hashes: list[int], computed: int) -> None:

@@ -95,7 +95,9 @@ class Sampler:
     @torch.no_grad()
     def sample(self, logits: torch.Tensor, slots: list[Slot]) -> list[int]:
         raw = logits.float().cpu()
-        x = self._adjust(raw, slots)
+        penalized = [i for i, s in enumerate(slots) if s.penalized]
+        counts_rows = torch.tensor([slots[i].row for i in penalized], dtype=torch.long)
+        x = self._adjust(raw, slots, penalized, counts_rows)
         temps = torch.tensor([s.sampling.temperature for s in slots])
         hot = temps >= GREEDY_BELOW
         if not bool(hot.any()):
@@ -106,24 +108,23 @@ class Sampler:
             if greedy.numel():
                 tokens[greedy] = x[greedy].argmax(-1)
             tokens[sampled] = self._draw(x[sampled] / temps[sampled].unsqueeze(1), [slots[i] for i in sampled.tolist()])
-        penalized = [i for i, s in enumerate(slots) if s.penalized]
         if penalized:
-            idx = torch.tensor(penalized)
-            rows = torch.tensor([slots[i].row for i in penalized])
-            self._counts.index_put_((rows, tokens[idx]), torch.ones(len(penalized)), accumulate=True)
+            self._counts.index_put_((counts_rows, tokens[penalized]), torch.ones(len(penalized)), accumulate=True)
         self._record_logprobs(raw, tokens, slots)
         return tokens.tolist()
 
-    def _adjust(self, x: torch.Tensor, slots: list[Slot]) -> torch.Tensor:
+    def _adjust(self, x: torch.Tensor, slots: list[Slot], penalized: list[int],
+                counts_rows: torch.Tensor) -> torch.Tensor:
+        """Logits with each row's bias and penalties (rows ``penalized``, whose
+        output counts are rows ``counts_rows`` of the counts tensor)."""
         biased = [i for i, s in enumerate(slots) if s.bias is not None]
-        penalized = [i for i, s in enumerate(slots) if s.penalized]
         if not biased and not penalized:
             return x
         x = x.clone()
         if biased:
             x[biased] += torch.stack([slots[i].bias for i in biased])  # type: ignore[misc]
         if penalized:
-            counts = self._counts[torch.tensor([slots[i].row for i in penalized])]
+            counts = self._counts[counts_rows]
             freq = torch.tensor([slots[i].sampling.frequency_penalty for i in penalized]).unsqueeze(1)
             pres = torch.tensor([slots[i].sampling.presence_penalty for i in penalized]).unsqueeze(1)
             x[penalized] -= freq * counts + pres * (counts > 0)
