@@ -57,6 +57,8 @@ class Metrics:
         self.worker_batch = Gauge("llmq:worker_batch_size", "Jobs in the worker's batch.", ["worker"], registry=r)
         self.worker_tps = Gauge("llmq:worker_generation_tokens_per_second", "Worker output tokens/s (10 s window).",
                                 ["worker"], registry=r)
+        self.worker_info = Gauge("llmq:worker_info", "1 per live worker, labelled with its engine.",
+                                 ["worker", "engine"], registry=r)
         self.worker_step = Gauge("llmq:worker_engine_step_seconds", "Worker's recent mean engine step time.",
                                  ["worker"], registry=r)
 
@@ -77,7 +79,8 @@ class Metrics:
 
     async def render(self, registry: Registry, r: aioredis.Redis) -> bytes:
         live = await registry.live_models()
-        for gauge in (self.running, self.waiting, self.workers, self.worker_batch, self.worker_tps, self.worker_step):
+        for gauge in (self.running, self.waiting, self.workers, self.worker_batch, self.worker_tps, self.worker_step,
+                      self.worker_info):
             gauge.clear()  # gone models and workers must not linger
         for name, model in live.items():
             self.workers.labels(name).set(len(model.workers))
@@ -87,4 +90,5 @@ class Metrics:
             self.worker_batch.labels(w.worker_id).set(w.running)
             self.worker_tps.labels(w.worker_id).set(w.tokens_per_s)
             self.worker_step.labels(w.worker_id).set(w.step_s)
+            self.worker_info.labels(w.worker_id, w.engine).set(1)
         return generate_latest(self.registry)

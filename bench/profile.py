@@ -83,7 +83,7 @@ def run(cfg: ProfileConfig) -> dict[str, Any]:
     import redis
 
     from worker.detok import IncrementalDetokenizer
-    from worker.engine import MAX_STEP_TOKENS, Engine, Run, engine_threads
+    from worker.engines.transformers import MAX_STEP_TOKENS, Engine, Run, engine_threads
     from worker.loading import ModelSpec, load
     from worker.prompts import prompt_ids
     from worker.publish import Publisher
@@ -120,7 +120,7 @@ def run(cfg: ProfileConfig) -> dict[str, Any]:
                 ids = prompt_ids(lm.tokenizer, job, lm.vocab_size)
                 run_ = Run(job=job, index=0, prompt_ids=ids, max_tokens=cfg.max_tokens, queue_s=0.0,
                            detok=IncrementalDetokenizer(lm.tokenizer, ids))
-                engine.submit(run_)
+                engine.add(run_)
                 run_.ended.wait()
 
         clients = [threading.Thread(target=client, daemon=True) for _ in range(cfg.batch)]

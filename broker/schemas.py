@@ -170,6 +170,7 @@ class ModelInfo(Strict):
 class Heartbeat(Strict):
     v: int = SCHEMA_VERSION
     worker_id: str
+    engine: str = Field(default="transformers", description="transformers, vllm or llama.cpp")
     models: list[ModelInfo]
     device: str
     capacity: int = Field(description="jobs the worker runs at once (its batch cap)")

@@ -35,7 +35,21 @@ def api(
     uvicorn.run("api.app:create_app", factory=True, host=host, port=port, log_level=log_level, log_config=log_config)
 
 
-def worker_argv(model_paths: list[str], model_names: list[str], concurrency: int, extra: list[str]) -> list[str]:
+VLLM_VENV = Path(__file__).resolve().parents[1] / ".venv-vllm"  # make install-vllm
+
+
+def engine_python(engine: str) -> str:
+    """The Python that runs a worker of this engine: vLLM lives in a
+    virtualenv of its own (LLMQ_VLLM_PYTHON, else the checkout's .venv-vllm);
+    the other engines run in this one."""
+    if engine != "vllm":
+        return sys.executable
+    python = os.environ.get("LLMQ_VLLM_PYTHON") or str(VLLM_VENV / "bin" / "python")
+    return python if Path(python).exists() else sys.executable
+
+
+def worker_argv(model_paths: list[str], model_names: list[str], concurrency: int, extra: list[str],
+                engine: str = "transformers") -> list[str]:
     """The exact ``celery worker`` command line ``llmq worker`` runs."""
     from worker.loading import ModelSpec  # no torch import: loading imports it lazily
 
@@ -44,12 +58,12 @@ def worker_argv(model_paths: list[str], model_names: list[str], concurrency: int
         names = tuple(n for n in model_names[i].split(",") if n) if i < len(model_names) else ()
         served.extend(ModelSpec(path=path, names=names).served_names())
     argv = [
-        sys.executable, "-m", "celery", "-A", "worker.app", "worker",
+        engine_python(engine), "-m", "celery", "-A", "worker.app", "worker",
         "--pool", "threads", "--concurrency", str(concurrency),
         "--hostname", f"llmq-{served[0]}@%h" if served else "llmq@%h",
         "--queues", ",".join(queue_name(n) for n in served),
         "--task-events", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
-        "--max-batch-size", str(concurrency),
+        "--max-batch-size", str(concurrency), "--engine", engine,
     ]
     for i, path in enumerate(model_paths):
         argv += ["--model-path", path]
@@ -64,10 +78,15 @@ def worker(
     model_path: Annotated[list[str], typer.Option(help="model directory, HF id or .gguf; repeatable")],
     model_name: Annotated[list[str] | None, typer.Option(help="served names for each --model-path")] = None,
     concurrency: Annotated[int, typer.Option(help="jobs batched at once (threads = batch cap)")] = 16,
+    engine: Annotated[str, typer.Option(help="transformers (default), vllm or llama.cpp")] = "transformers",
 ) -> None:
     """Run a Celery worker for the given model(s); extra options go to the worker
     (--dtype, --device, --context-length, --chat-template, --hostname ...)."""
-    argv = worker_argv(model_path, model_name or [], concurrency, list(ctx.args))
+    from worker.engines import ENGINES  # no engine import: each engine's module loads on demand
+
+    if engine not in ENGINES:
+        raise typer.BadParameter(f"{engine!r}; pick one of {', '.join(ENGINES)}", param_hint="--engine")
+    argv = worker_argv(model_path, model_name or [], concurrency, list(ctx.args), engine)
     typer.echo(" ".join(argv[1:]), err=True)
     os.execv(argv[0], argv)
 

@@ -12,7 +12,7 @@ import pytest
 from broker.schemas import Delta, Done, Job, Message, Sampling
 from tests.procs import DEMO_MODEL_DIR
 from worker.detok import IncrementalDetokenizer
-from worker.engine import Engine, Run
+from worker.engines.transformers import Engine, Run
 from worker.loading import ModelSpec, load
 from worker.prompts import prompt_ids
 
@@ -58,7 +58,7 @@ def test_jobs_share_steps_and_each_step_is_one_publish(engine_and_publisher) -> 
     pub.calls.clear()
     runs = [make_run(engine, i, max_tokens=16) for i in range(4)]
     for run in runs:
-        engine.submit(run)
+        engine.add(run)
     for run in runs:
         assert run.ended.wait(120)
     sizes = [len({ev.job_id for _, ev in call}) for call in pub.calls]
@@ -78,12 +78,12 @@ def test_jobs_share_steps_and_each_step_is_one_publish(engine_and_publisher) -> 
 def test_cancel_frees_the_slot_within_a_step(engine_and_publisher) -> None:  # type: ignore[no-untyped-def]
     engine, pub = engine_and_publisher
     run = make_run(engine, 9, max_tokens=400)
-    engine.submit(run)
+    engine.add(run)
     while run.tokens < 3:
         time.sleep(0.01)
-    assert engine.running == 1
+    assert engine.emitter.running == 1
     assert engine.cancel(run.job.job_id)
-    assert engine.running == 0 and run.finish_reason == "cancelled"
+    assert engine.emitter.running == 0 and run.finish_reason == "cancelled"
     at_cancel = run.tokens
     time.sleep(0.5)
     late = [ev for call in pub.calls for _, ev in call if ev.job_id == run.job.job_id and isinstance(ev, Delta)
@@ -110,11 +110,11 @@ def test_prefix_cache_serves_a_repeated_prompt_and_changes_no_token(  # type: ig
         engine_and_publisher) -> None:
     engine, pub = engine_and_publisher
     first = make_long_run(engine, 1, 200, 24)
-    engine.submit(first)
+    engine.add(first)
     assert first.ended.wait(120)
     hits = engine.profile.snapshot().cached_tokens
     again = make_long_run(engine, 1, 200, 24)
-    engine.submit(again)
+    engine.add(again)
     assert again.ended.wait(120)
     reused = engine.profile.snapshot().cached_tokens - hits
     print(f"prompt {len(again.prompt_ids)} tokens, {reused} served from the prefix cache")
@@ -138,12 +138,12 @@ def test_long_prompt_is_prefilled_in_chunks_while_others_decode() -> None:
         engine.start()
         try:
             stream = make_run(engine, 3, max_tokens=300, endless=True)
-            engine.submit(stream)
+            engine.add(stream)
             while stream.tokens < 2:
                 time.sleep(0.005)
             long = make_long_run(engine, 2, 400, 8)
             before = stream.tokens
-            engine.submit(long)
+            engine.add(long)
             while long.first_token_at is None and not long.ended.is_set():
                 time.sleep(0.002)
             during = stream.tokens - before
@@ -175,7 +175,7 @@ def test_sequences_preempted_for_memory_finish_with_the_same_tokens() -> None:
             runs = [make_run(engine, 40 + i, max_tokens=80, endless=True) for i in range(2)]
             for group in ([runs] if runs_at_once == 2 else [[r] for r in runs]):
                 for r in group:
-                    engine.submit(r)
+                    engine.add(r)
                 for r in group:
                     assert r.ended.wait(120)
             return [_answer(engine, pub, r) for r in runs], engine.preemptions

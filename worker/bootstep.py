@@ -15,11 +15,14 @@ from typing import Any
 import click
 from celery import Celery, bootsteps
 
+import redis
+
 from broker.settings import Settings
 from worker.embeddings import is_embedding_model, load_embedding
-from worker.engine import MAX_STEP_TOKENS, engine_threads
-from worker.loading import ModelLoadError, ModelSpec, load
-from worker.runtime import EngineOptions, Runtime
+from worker.engines import ENGINES, MAX_STEP_TOKENS, EngineOptions, build
+from worker.loading import ModelLoadError, ModelSpec
+from worker.publish import Publisher
+from worker.runtime import Runtime
 
 log = logging.getLogger("llmq.worker")
 
@@ -30,6 +33,8 @@ def _tick() -> None:
     """A timer's only job: end the event loop's poll so it checks for free threads."""
 
 OPTIONS = [
+    click.Option(["--engine"], type=click.Choice(ENGINES), default="transformers",
+                 help="what runs the model: transformers (default), vllm (its own virtualenv), llama.cpp (GGUF)"),
     click.Option(["--model-path"], multiple=True, help="model directory, Hugging Face id or .gguf file; repeatable"),
     click.Option(["--model-name"], multiple=True,
                  help="served name(s) for the model-path at the same position, comma-separated; repeatable"),
@@ -49,6 +54,16 @@ OPTIONS = [
     click.Option(["--load-4bit"], is_flag=True, default=False, help="4-bit NF4 weights (bitsandbytes)"),
     click.Option(["--num-gpus"], type=int, default=1, help="spread each model over this many GPUs"),
     click.Option(["--max-gpu-memory"], default=None, help="memory per GPU for the weights, e.g. 20GiB"),
+    # --engine vllm: passed to vLLM's engine arguments as named
+    click.Option(["--gpu-memory-utilization"], type=float, default=None, help="vllm: share of GPU memory to use"),
+    click.Option(["--tensor-parallel-size"], type=int, default=1, help="vllm: GPUs one model is split over"),
+    click.Option(["--max-model-len"], type=int, default=None, help="vllm: context length served"),
+    click.Option(["--quantization"], default=None, help="vllm: the checkpoint's quantization (awq, gptq, ...)"),
+    click.Option(["--enforce-eager"], is_flag=True, default=False, help="vllm: no CUDA graphs / compilation"),
+    # --engine llama.cpp
+    click.Option(["--llama-server"], default=None,
+                 help="llama.cpp: the llama-server binary (default .engines/llama-server, or LLMQ_LLAMA_SERVER)"),
+    click.Option(["--n-gpu-layers"], type=int, default=None, help="llama.cpp: layers offloaded to the GPU"),
 ]
 
 
@@ -82,18 +97,33 @@ class LLMQStep(bootsteps.StartStopStep):
         super().__init__(worker, **opts)
         app = worker.app
         settings: Settings = app.llmq_settings
-        threads = engine_threads()  # before any torch work in this thread
+        engine = opts.get("engine") or "transformers"
+        threads = None
+        if engine == "transformers":
+            from worker.engines.transformers import engine_threads
+
+            threads = engine_threads()  # before any torch work in this thread
+        options = EngineOptions(
+            engine=engine, max_batch_size=opts.get("max_batch_size") or 16,
+            kv_cache_tokens=opts.get("kv_cache_tokens"),
+            max_step_tokens=opts.get("max_step_tokens") or MAX_STEP_TOKENS,
+            prefix_caching=opts.get("prefix_caching", True), threads=threads,
+            gpu_memory_utilization=opts.get("gpu_memory_utilization"),
+            tensor_parallel_size=opts.get("tensor_parallel_size") or 1, max_model_len=opts.get("max_model_len"),
+            quantization=opts.get("quantization"), enforce_eager=bool(opts.get("enforce_eager")),
+            llama_server=opts.get("llama_server"), n_gpu_layers=opts.get("n_gpu_layers"),
+        )
+        publisher = Publisher(redis.Redis.from_url(settings.redis_url, health_check_interval=30))
         try:
             specs = specs_from_options(opts)
-            models = [load_embedding(spec) if is_embedding_model(spec.path) else load(spec) for spec in specs]
+            embed = [s for s in specs if is_embedding_model(s.path)]
+            engines = build([s for s in specs if not is_embedding_model(s.path)], options, publisher)
+            embedders = [load_embedding(s) for s in embed]
         except ModelLoadError as exc:
             # One clear line, and no registration: the heartbeat never starts.
             raise SystemExit(f"llmq worker: cannot start: {exc}") from None
-        options = EngineOptions(max_batch_size=opts.get("max_batch_size") or 16,
-                                kv_cache_tokens=opts.get("kv_cache_tokens"),
-                                max_step_tokens=opts.get("max_step_tokens") or MAX_STEP_TOKENS,
-                                prefix_caching=opts.get("prefix_caching", True), threads=threads)
-        self.runtime = Runtime(settings, models, options, worker_id=f"{worker.hostname}-{os.getpid()}")
+        self.runtime = Runtime(settings, engines, embedders, publisher, options,
+                               worker_id=f"{worker.hostname}-{os.getpid()}")
         for queue in self.runtime.queues():
             app.amqp.queues.select_add(queue)
         app.llmq_runtime = self.runtime

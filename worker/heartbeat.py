@@ -34,8 +34,10 @@ class Heart:
         self._thread.start()
 
     def stop(self) -> None:
+        """Withdraw; safe to call twice (the watchdog and the shutdown both may)."""
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
         try:
             withdraw(self._redis, self._keys, self._worker_id)
         except redis.RedisError as exc:

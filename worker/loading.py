@@ -133,24 +133,20 @@ def _placement(spec: ModelSpec, device: str, dtype: Any) -> dict[str, Any]:
     return kwargs
 
 
-def load(spec: ModelSpec) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(spec: ModelSpec) -> Any:
+    """The model's tokenizer with its chat template (``--chat-template``
+    replaces it); engines that run the model elsewhere still build prompts
+    with it, so every engine renders a conversation the same way."""
+    from transformers import AutoTokenizer
 
-    device = resolve_device(spec.device)
-    dtype = resolve_dtype(spec.dtype, device)
     source, kwargs = _source(spec)
-    placement = _placement(spec, device, dtype)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs, **placement)
-    except OSError as exc:  # missing files, not in the local cache, no network
+        return _with_template(spec, AutoTokenizer.from_pretrained(source, **kwargs))
+    except (OSError, ValueError) as exc:
         raise ModelLoadError(f"--model-path {spec.path}: {str(exc).splitlines()[0]}") from exc
-    except ValueError as exc:  # unknown architecture, bad dtype...
-        raise ModelLoadError(f"--model-path {spec.path}: {str(exc).splitlines()[0]}") from exc
-    if "device_map" not in placement:
-        model.to(device)
-    model.eval()
 
+
+def _with_template(spec: ModelSpec, tokenizer: Any) -> Any:
     if spec.chat_template:
         template = Path(spec.chat_template)
         if not template.is_file():
@@ -160,6 +156,26 @@ def load(spec: ModelSpec) -> LoadedModel:
         raise ModelLoadError(
             f"--model-path {spec.path}: the tokenizer has no chat template; pass --chat-template FILE"
         )
+    return tokenizer
+
+
+def load(spec: ModelSpec) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    source, kwargs = _source(spec)
+    placement = _placement(spec, device, dtype)
+    tokenizer = load_tokenizer(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs, **placement)
+    except OSError as exc:  # missing files, not in the local cache, no network
+        raise ModelLoadError(f"--model-path {spec.path}: {str(exc).splitlines()[0]}") from exc
+    except ValueError as exc:  # unknown architecture, bad dtype...
+        raise ModelLoadError(f"--model-path {spec.path}: {str(exc).splitlines()[0]}") from exc
+    if "device_map" not in placement:
+        model.to(device)
+    model.eval()
 
     context = _attention_limits(spec, model, spec.context_length or _model_context(model))
     eos = model.generation_config.eos_token_id if model.generation_config else None

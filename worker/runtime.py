@@ -1,13 +1,16 @@
 """Everything a worker process runs besides Celery itself: the loaded models
 and their engines, the heartbeat, the cancel listener, and ``run(job)``, the
-body of the Celery task."""
+body of the Celery task. Nothing here depends on which engine runs a job
+(``worker/engines/``)."""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import redis
 
@@ -16,51 +19,36 @@ from broker.control import claim, is_cancelled
 from broker.keys import Keys, queue_name
 from broker.schemas import Delta, Embeddings, Error, Heartbeat, Job, ModelInfo, Started
 from broker.settings import Settings
-from worker.detok import IncrementalDetokenizer
 from worker.embeddings import EmbeddingModel, InputTooLong
-from worker.engine import MAX_STEP_TOKENS, Engine, Run, engine_kwargs
+from worker.engines import EngineOptions
+from worker.engines.base import Engine, Refused
 from worker.heartbeat import Heart
-from worker.loading import LoadedModel
 from worker.prompts import PromptError, prompt_ids
 from worker.publish import Publisher
 
 log = logging.getLogger("llmq.worker")
 
-
-@dataclass(frozen=True, kw_only=True)
-class EngineOptions:
-    max_batch_size: int = 16
-    kv_cache_tokens: int | None = None
-    max_step_tokens: int = MAX_STEP_TOKENS
-    prefix_caching: bool = True
-    threads: int | None = None  # torch CPU threads of each engine thread (engine_threads())
+ENGINE_CHECK_S = 0.5
 
 
 class Runtime:
-    def __init__(self, settings: Settings, models: list[LoadedModel | EmbeddingModel], options: EngineOptions,
-                 worker_id: str) -> None:
+    def __init__(self, settings: Settings, engines: Sequence[Engine], embedders: Sequence[EmbeddingModel],
+                 publisher: Publisher, options: EngineOptions, worker_id: str) -> None:
         self.settings = settings
         self.worker_id = worker_id
         self.keys = Keys(settings.key_prefix)
         self.redis = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
-        self.publisher = Publisher(self.redis)
+        self.publisher = publisher
         self.options = options
-        self.engines: dict[str, Engine] = {}  # served name -> engine; aliases share one
-        self._engines: list[Engine] = []  # one per loaded model
-        self.embedders: dict[str, EmbeddingModel] = {}
-        for lm in models:
-            if isinstance(lm, EmbeddingModel):
-                self.embedders.update({name: lm for name in lm.names})
-                continue
-            engine = Engine(lm, self.publisher, **engine_kwargs(options, lm.context_length))
-            self._engines.append(engine)
-            for name in lm.names:
-                self.engines[name] = engine
+        self._engines = list(engines)  # one per loaded model
+        self.engines: dict[str, Engine] = {name: e for e in engines for name in e.names}  # aliases share one
+        self.embedders: dict[str, EmbeddingModel] = {name: m for m in embedders for name in m.names}
         self.started_at = time.time()
         self.heart = Heart(self.redis, self.keys, self.heartbeat, settings.heartbeat_interval_s,
                            settings.heartbeat_ttl_ms())
         self._cancel_thread = threading.Thread(target=self._listen_cancels, name="llmq-cancels", daemon=True)
         self._stopping = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch_engines, name="llmq-watchdog", daemon=True)
 
     def queues(self) -> list[str]:
         return [queue_name(name) for name in [*self.engines, *self.embedders]]
@@ -70,6 +58,7 @@ class Runtime:
             engine.start()
         self._cancel_thread.start()
         self.heart.start()
+        self._watchdog.start()
         log.info("worker %s serving %s", self.worker_id, ", ".join([*self.engines, *self.embedders]))
 
     def stop(self) -> None:
@@ -78,7 +67,7 @@ class Runtime:
         with an error event so no client waits for a worker that is gone."""
         self.heart.stop()
         deadline = time.monotonic() + self.settings.drain_timeout_s
-        while any(e.running for e in self._engines) and time.monotonic() < deadline:
+        while any(e.emitter.running for e in self._engines) and time.monotonic() < deadline:
             time.sleep(0.1)
         self._stopping.set()
         for engine in self._engines:
@@ -88,23 +77,42 @@ class Runtime:
         engines = self._engines
         return Heartbeat(
             worker_id=self.worker_id,
+            engine=self.options.engine,
             models=[
-                ModelInfo(name=name, queue=queue_name(name), context_length=e.lm.context_length, kind="chat",
-                          running=e.running_for(name))
+                ModelInfo(name=name, queue=queue_name(name), context_length=e.context_length, kind="chat",
+                          running=e.emitter.running_for(name))
                 for name, e in self.engines.items()
             ] + [
                 ModelInfo(name=name, queue=queue_name(name), context_length=m.context_length, kind="embedding")
                 for name, m in self.embedders.items()
             ],
-            device=",".join(sorted({e.lm.device for e in engines} | {m.device for m in self.embedders.values()})),
+            device=",".join(sorted({e.device for e in engines} | {m.device for m in self.embedders.values()})),
             capacity=self.options.max_batch_size,
-            running=sum(e.running for e in engines),
-            tokens_per_s=round(sum(e.tokens_per_s() for e in engines), 2),
+            running=sum(e.emitter.running for e in engines),
+            tokens_per_s=round(sum(e.emitter.tokens_per_s() for e in engines), 2),
             step_s=round(max((e.step_s() for e in engines), default=0.0), 4),
             version=__version__,
             started_at=self.started_at,
             beat_at=time.time(),
         )
+
+    def _watch_engines(self) -> None:
+        """An engine that stops on its own (llama.cpp's server exits, vLLM's
+        engine core dies) ends the worker as a crash would: it leaves the
+        registry, its jobs end with an error event, and it shuts down, so a
+        supervisor (compose's restart policy, systemd) can start it again."""
+        while not self._stopping.wait(ENGINE_CHECK_S):
+            dead = [e for e in self._engines if not e.healthy()]
+            if not dead:
+                continue
+            log.error("worker %s: the %s engine of %s died; leaving the registry and shutting down",
+                      self.worker_id, dead[0].kind, ",".join(dead[0].names))
+            self.heart.stop()
+            for engine in dead:
+                engine.emitter.fail_all(503, "engine_died", "The engine running this job died; retry the request.")
+            # Celery's warm shutdown: no new jobs; jobs still queued stay for other workers.
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
 
     # ---------------------------------------------------------- the task
 
@@ -131,57 +139,56 @@ class Runtime:
         engine = self.engines.get(job.model)
         if engine is None:
             return self._fail(job, 404, "model_not_found", "model", f"This worker does not serve '{job.model}'.")
-        lm = engine.lm
         try:
-            ids = prompt_ids(lm.tokenizer, job, lm.vocab_size)
+            engine.check(job)
+            ids = prompt_ids(engine.tokenizer, job, engine.vocab_size)
+        except Refused as exc:
+            return self._fail(job, 400, exc.code, exc.param, str(exc))
         except PromptError as exc:
             return self._fail(job, 400, "invalid_prompt", exc.param, str(exc))
-        bad_bias = [t for t in job.sampling.logit_bias or {} if not 0 <= t < lm.vocab_size]
+        bad_bias = [t for t in job.sampling.logit_bias or {} if not 0 <= t < engine.vocab_size]
         if bad_bias:
             return self._fail(job, 400, "invalid_value", "logit_bias",
                               f"Token id {bad_bias[0]} in 'logit_bias' is outside this model's vocabulary "
-                              f"(0..{lm.vocab_size - 1}).")
+                              f"(0..{engine.vocab_size - 1}).")
         if not ids:
             return self._fail(job, 400, "invalid_prompt", "prompt", "The prompt is empty.")
-        room = lm.context_length - len(ids)
+        context = engine.context_length
+        room = context - len(ids)
         if room <= 0:
             return self._fail(
                 job, 400, "context_length_exceeded", "messages" if job.kind == "chat" else "prompt",
-                f"This model's maximum context length is {lm.context_length} tokens, "
-                f"but the prompt has {len(ids)} tokens.",
+                f"This model's maximum context length is {context} tokens, but the prompt has {len(ids)} tokens.",
             )
         wanted = job.sampling.max_tokens
         if wanted is not None and wanted > room:
             return self._fail(
                 job, 400, "context_length_exceeded", "max_tokens",
-                f"This model's maximum context length is {lm.context_length} tokens; the prompt has {len(ids)} "
+                f"This model's maximum context length is {context} tokens; the prompt has {len(ids)} "
                 f"and max_tokens asks for {wanted}, {len(ids) + wanted} in all.",
             )
         queue_s = max(0.0, time.time() - job.submitted_at)
-        runs = [Run(job=job, index=i, prompt_ids=ids, max_tokens=wanted or room, queue_s=queue_s,
-                    detok=IncrementalDetokenizer(lm.tokenizer, ids)) for i in range(job.n)]
         events: list[tuple[str, Started | Delta]] = [
             (job.reply_channel, Started(job_id=jid, seq=0, worker=self.worker_id, prompt_tokens=len(ids),
                                         queue_s=queue_s))
         ]
         if job.echo:
-            echo = lm.tokenizer.decode(ids, skip_special_tokens=False)
-            events += [(job.reply_channel, Delta(job_id=jid, seq=engine.next_seq(jid), index=i, text=echo,
+            echo = engine.tokenizer.decode(ids, skip_special_tokens=False)
+            events += [(job.reply_channel, Delta(job_id=jid, seq=engine.emitter.next_seq(jid), index=i, text=echo,
                                                  completion_tokens=0)) for i in range(job.n)]
         # Published (and so ordered) before the engine can emit any delta.
         if self.publisher.publish(events)[0] == 0:
             log.warning("job %s: no API listens on %s, dropped", jid, job.reply_channel)
             return {"job_id": jid, "status": "no_listener"}
-        for run in runs:
-            engine.submit(run)
+        choices = engine.submit(job, ids, wanted or room, queue_s)
         if is_cancelled(self.redis, self.keys, jid):  # a cancel that raced the submit
             engine.cancel(jid)
-        for run in runs:
-            run.ended.wait()
-        completion = sum(r.tokens for r in runs)
-        reasons = ",".join(sorted({r.finish_reason or "?" for r in runs}))
+        for choice in choices:
+            choice.ended.wait()
+        completion = sum(c.tokens for c in choices)
+        reasons = ",".join(sorted({c.finish_reason or "?" for c in choices}))
         log.info("job %s: %s, %d prompt + %d completion tokens in %d choice(s), queue %.3fs, total %.3fs", jid,
-                 reasons, len(ids), completion, job.n, queue_s, time.monotonic() - runs[0].submitted)
+                 reasons, len(ids), completion, job.n, queue_s, time.monotonic() - choices[0].submitted)
         return {"job_id": jid, "status": reasons, "prompt_tokens": len(ids), "completion_tokens": completion}
 
     def _embed(self, job: Job) -> dict[str, object]:

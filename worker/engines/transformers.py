@@ -28,7 +28,6 @@ computed again later from its prompt and the tokens it already produced
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import deque
@@ -37,9 +36,11 @@ from typing import Any
 
 import torch
 
-from broker.schemas import Delta, Done, Error, FinishReason, Job, Timings, TokenLogprob, Usage
+from broker.schemas import FinishReason, Job, TokenLogprob
 from worker.attention import NAME as ATTENTION, STEP_KWARG, Chunk, StepLayout
 from worker.detok import IncrementalDetokenizer
+from worker.engines import MAX_STEP_TOKENS
+from worker.engines.base import Choice, Emitter, Pump, Update
 from worker.kvcache import KVCache
 from worker.loading import LoadedModel
 from worker.profile import StepProfile
@@ -50,25 +51,14 @@ from worker.stops import StopStrings
 log = logging.getLogger("llmq.worker.engine")
 
 BLOCK_SIZE = 16
-MAX_STEP_TOKENS = 256
-THROUGHPUT_WINDOW_S = 10.0
 
 
-@dataclass(eq=False)
-class Run:
-    """One choice of one job inside the engine."""
 
-    job: Job
-    index: int
-    prompt_ids: list[int]
-    max_tokens: int
+@dataclass(eq=False, kw_only=True)
+class Run(Choice):
+    """One choice of one job inside this engine."""
+
     detok: IncrementalDetokenizer
-    queue_s: float
-    submitted: float = field(default_factory=time.monotonic)
-    tokens: int = 0  # delivered to the pump
-    first_token_at: float | None = None
-    finish_reason: FinishReason | None = None
-    ended: threading.Event = field(default_factory=threading.Event)
     stops: StopStrings = field(init=False)
     slot: Slot | None = None
     # engine-thread state
@@ -83,10 +73,6 @@ class Run:
         self.ids = list(self.prompt_ids)
 
     @property
-    def request_id(self) -> str:
-        return f"{self.job.job_id}/{self.index}"
-
-    @property
     def generated(self) -> int:
         return len(self.ids) - len(self.prompt_ids)
 
@@ -97,21 +83,6 @@ class StepOutput:
     token: int | None
     finish: FinishReason | None = None
     error: str | None = None
-
-
-class Sequencer:
-    """Event numbers per job, shared by its choices (0 was Started)."""
-
-    def __init__(self) -> None:
-        self._next: dict[str, int] = {}
-
-    def next(self, job_id: str) -> int:
-        n = self._next.get(job_id, 1)
-        self._next[job_id] = n + 1
-        return n
-
-    def forget(self, job_id: str) -> None:
-        self._next.pop(job_id, None)
 
 
 def engine_threads() -> int:
@@ -145,36 +116,42 @@ def _cache_for(lm: LoadedModel, kv_cache_tokens: int, prefix_caching: bool) -> K
 
 
 class Engine:
+    """The transformers engine: llmq's own continuous batching over the
+    model's transformers forward."""
+
+    kind = "transformers"
+
     def __init__(self, lm: LoadedModel, publisher: Publisher, *, max_batch: int, kv_cache_tokens: int,
                  max_step_tokens: int = MAX_STEP_TOKENS, prefix_caching: bool = True,
                  threads: int | None = None) -> None:
         self.lm = lm
+        self.names = lm.names
+        self.context_length = lm.context_length
+        self.vocab_size = lm.vocab_size
+        self.tokenizer = lm.tokenizer
+        self.device = str(lm.device)
         self.threads = threads or torch.get_num_threads()
         self.max_batch = max_batch
         self.max_step_tokens = max(max_step_tokens, max_batch + 1)
         self.profile = StepProfile()
         self.sampler = Sampler(lm.vocab_size)
         self.cache = _cache_for(lm, kv_cache_tokens, prefix_caching)
-        self._publisher = publisher
+        self.emitter = Emitter(publisher, self.cancel)
         self._eos = frozenset(lm.eos_token_ids)
-        self._runs: dict[str, Run] = {}  # request id -> run, until its last event is out
         self._lock = threading.Lock()
         self._inbox: list[Run] = []
         self._wake = threading.Event()
         self._waiting: deque[Run] = deque()  # engine thread only, from here down
         self._running: list[Run] = []  # in admission order
-        self._steps: queue.Queue[list[StepOutput]] = queue.Queue()
-        self._recent: deque[tuple[float, int]] = deque()
         self._stopping = threading.Event()
-        self._seq = Sequencer()
         self.preemptions = 0
         lm.model.set_attn_implementation(ATTENTION)
         name = lm.names[0]
         self._loop_thread = threading.Thread(target=self._loop, name=f"llmq-engine-{name}", daemon=True)
-        self._pump = threading.Thread(target=self._pump_loop, name=f"llmq-pump-{name}", daemon=True)
+        self._pump: Pump[StepOutput] = Pump(f"llmq-pump-{name}", self._publish_step)
 
     def __repr__(self) -> str:
-        return f"Engine(model={self.lm.names[0]!r}, running={self.running}, cache={self.cache!r})"
+        return f"Engine(model={self.lm.names[0]!r}, running={self.emitter.running}, cache={self.cache!r})"
 
     # ------------------------------------------------------------ control
 
@@ -187,71 +164,44 @@ class Engine:
         self._stopping.set()
         self._wake.set()
         self._loop_thread.join(timeout=30)
-        with self._lock:
-            runs = list(self._runs.values())
-        if runs:
-            log.warning("stopping with %d running job(s); they end with an error", len(runs))
-            events = [(r.job.reply_channel, Error(
-                job_id=r.job.job_id, seq=self._seq.next(r.job.job_id), status=503, error_type="server_error",
-                code="worker_shutdown", message="The worker running this job shut down before it finished.",
-            )) for r in runs]
-            try:
-                self._publisher.publish(events)
-            except Exception:
-                log.exception("could not tell %d job(s) that the worker stops", len(runs))
-        for run in runs:
-            self._end(run, "cancelled")
-        # No thread of ours may outlive stop(): a daemon thread still blocked
-        # in native code when the interpreter finalizes aborts the process.
-        self._pump.join(timeout=5)
+        self._pump.stop()
+        n = self.emitter.fail_all(503, "worker_shutdown", "The worker running this job shut down before it finished.")
+        if n:
+            log.warning("stopped with %d running job(s); they ended with an error", n)
 
-    @property
-    def running(self) -> int:
-        with self._lock:
-            return len(self._runs)
+    def healthy(self) -> bool:
+        return self._loop_thread.is_alive() or not self._loop_thread.ident
 
-    def running_for(self, name: str) -> int:
-        with self._lock:
-            return sum(1 for r in self._runs.values() if r.job.model == name)
+    def check(self, job: Job) -> None:
+        """Every request option is honoured here."""
 
     def step_s(self) -> float:
         return self.profile.mean_step_s()
 
-    def tokens_per_s(self) -> float:
-        now = time.monotonic()
-        while self._recent and now - self._recent[0][0] > THROUGHPUT_WINDOW_S:
-            self._recent.popleft()
-        return sum(n for _, n in self._recent) / THROUGHPUT_WINDOW_S
+    def submit(self, job: Job, prompt_ids: list[int], max_tokens: int, queue_s: float) -> list[Choice]:
+        runs = [Run(job=job, index=i, prompt_ids=prompt_ids, max_tokens=max_tokens, queue_s=queue_s,
+                    detok=IncrementalDetokenizer(self.tokenizer, prompt_ids)) for i in range(job.n)]
+        for run in runs:
+            self.add(run)
+        return list(runs)
 
-    def next_seq(self, job_id: str) -> int:
-        return self._seq.next(job_id)
-
-    def submit(self, run: Run) -> None:
+    def add(self, run: Run) -> None:
+        self.emitter.add([run])
         with self._lock:
-            self._runs[run.request_id] = run
             self._inbox.append(run)
         self._wake.set()
 
     def cancel(self, job_id: str) -> bool:
         """Free the job's batch rows at the next step. True if it was running."""
-        with self._lock:
-            runs = [r for r in self._runs.values() if r.job.job_id == job_id]
+        runs = self.emitter.of_job(job_id)
         for run in runs:
+            assert isinstance(run, Run)
             run.dropped = True
-            self._end(run, "cancelled")
+            self.emitter.end(run, "cancelled")
         if runs:
             self._wake.set()
             log.info("job %s: cancelled after %d tokens", job_id, sum(r.tokens for r in runs))
         return bool(runs)
-
-    def _end(self, run: Run, reason: FinishReason) -> None:
-        with self._lock:
-            self._runs.pop(run.request_id, None)
-            if not any(r.job.job_id == run.job.job_id for r in self._runs.values()):
-                self._seq.forget(run.job.job_id)
-        if run.finish_reason is None:
-            run.finish_reason = reason
-        run.ended.set()
 
     # ------------------------------------------------------- engine thread
 
@@ -272,7 +222,7 @@ class Engine:
                 failed = [StepOutput(r, None, error=f"{type(exc).__name__}: {exc}") for r in self._running]
                 for run in list(self._running):
                     self._retire(run)
-                self._steps.put(failed)
+                self._pump.put(failed)
 
     def _intake(self) -> None:
         with self._lock:
@@ -314,7 +264,7 @@ class Engine:
         t3 = time.monotonic()
         outputs = self._advance(plan, dict(zip(map(id, sampling), tokens)))
         if outputs:
-            self._steps.put(outputs)
+            self._pump.put(outputs)
         decode = sum(1 for r, n in plan if n == 1)
         self.profile.step(decode_rows=decode, prefill_tokens=sum(n for _, n in plan) - decode, sampled=len(tokens),
                           schedule=t1 - t0, forward=t2 - t1, sample=t3 - t2, update=time.monotonic() - t3)
@@ -346,7 +296,7 @@ class Engine:
                 if not self._running:  # even an empty cache cannot hold it
                     self._waiting.popleft()
                     self._retire(run)
-                    self._steps.put([StepOutput(run, None, error=(
+                    self._pump.put([StepOutput(run, None, error=(
                         f"the prompt ({len(run.ids)} tokens) does not fit in this worker's KV cache "
                         f"({cache.num_blocks * bs} tokens); raise --kv-cache-tokens"))])
                     continue
@@ -441,73 +391,34 @@ class Engine:
 
     # --------------------------------------------------------------- pump
 
-    def _pump_loop(self) -> None:
-        while not (self._stopping.is_set() and self._steps.empty()):
-            try:
-                outputs = self._steps.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            # Outputs of steps that arrived meanwhile go out in the same pipeline.
-            while True:
-                try:
-                    outputs.extend(self._steps.get_nowait())
-                except queue.Empty:
-                    break
-            t = time.monotonic()
-            try:
-                self._publish_step(outputs)
-            except Exception:  # a publish failure must not kill the pump
-                log.exception("publishing a step of %d outputs failed", len(outputs))
-            self.profile.add("publish", time.monotonic() - t)
-
     def _publish_step(self, outputs: list[StepOutput]) -> None:
-        now = time.monotonic()
+        """Tokens to text (stop strings applied, logprobs attached), then events."""
+        t = time.monotonic()
         per_run: dict[Run, list[StepOutput]] = {}
         for o in outputs:  # several steps may have piled up
             per_run.setdefault(o.run, []).append(o)
-        batch: list[tuple[Run, Delta | Done | Error]] = []
-        finished: list[Run] = []
-        new_tokens = 0
+        updates: list[Update] = []
         for run, outs in per_run.items():
             if run.finish_reason is not None:  # cancelled or stopped; a step may still have been in flight
                 continue
             error = next((o.error for o in outs if o.error), None)
             if error is not None:
-                batch.append((run, self._error(run, error)))
-                finished.append(run)
+                updates.append(Update(run, error=error))
                 continue
             fresh = [o.token for o in outs if o.token is not None]
             finish = next((o.finish for o in outs if o.finish), None)
-            new_tokens += len(fresh)
-            if fresh and run.first_token_at is None:
-                run.first_token_at = now
-            run.tokens += len(fresh)
             text, stopped = run.stops.feed(run.detok.push(fresh))
             if finish and not stopped:
                 more, stopped = run.stops.feed(run.detok.flush())
                 text += more if stopped else more + run.stops.flush()
             picks = run.slot.take(len(fresh)) if run.slot is not None and run.slot.wants_logprobs else []
-            if text or picks:
-                batch.append((run, Delta(job_id=run.job.job_id, seq=self._seq.next(run.job.job_id), index=run.index,
-                                         text=text, completion_tokens=run.tokens,
-                                         logprobs=self._logprobs(picks) if picks else None)))
             if stopped and not finish:
                 run.dropped = True  # the rest would never be sent
                 self._wake.set()
-            if finish or stopped:
-                run.finish_reason = "stop" if stopped else finish
-                batch.append((run, self._done(run, now)))
-                finished.append(run)
-        self._recent.append((now, new_tokens))
-        if batch:
-            listeners = self._publisher.publish([(run.job.reply_channel, ev) for run, ev in batch])
-            gone = {run.job.job_id for (run, _), n in zip(batch, listeners) if n == 0 and run not in finished}
-            for job_id in gone:
-                # No API process listens on the reply channel: nobody will read this job.
-                log.warning("job %s: its reply channel has no subscriber, cancelling", job_id)
-                self.cancel(job_id)
-        for run in finished:
-            self._end(run, run.finish_reason or "stop")
+            updates.append(Update(run, text=text, tokens=len(fresh), logprobs=self._logprobs(picks) if picks else None,
+                                  finish="stop" if stopped else finish))
+        self.emitter.publish(updates)
+        self.profile.add("publish", time.monotonic() - t)
 
     def _logprobs(self, picks: list[Pick]) -> list[TokenLogprob]:
         decode = self.lm.tokenizer.decode
@@ -515,23 +426,6 @@ class Engine:
             TokenLogprob(token=decode([p.token]), logprob=p.logprob, top=[(decode([t]), lp) for t, lp in p.top])
             for p in picks
         ]
-
-    def _done(self, run: Run, now: float) -> Done:
-        first = None if run.first_token_at is None else run.first_token_at - run.submitted
-        return Done(
-            job_id=run.job.job_id,
-            seq=self._seq.next(run.job.job_id),
-            index=run.index,
-            finish_reason=run.finish_reason or "stop",
-            usage=Usage(prompt_tokens=len(run.prompt_ids), completion_tokens=run.tokens),
-            timings=Timings(queue_s=run.queue_s, first_token_s=first, total_s=now - run.submitted),
-        )
-
-    def _error(self, run: Run, message: str) -> Error:
-        log.error("job %s: engine error: %s", run.job.job_id, message)
-        return Error(job_id=run.job.job_id, seq=self._seq.next(run.job.job_id), status=500,
-                     error_type="server_error", code="engine_error",
-                     message=f"The model failed while generating: {message}")
 
 
 def engine_kwargs(options: Any, context_length: int) -> dict[str, Any]:

@@ -1,0 +1,287 @@
+"""What every engine shares.
+
+The worker side that pulls jobs, claims them, publishes ``Started`` and
+beats the heart (``worker/runtime.py``) does not know which engine runs a
+job. It asks the engine for the job's choices and waits for them to end.
+An engine turns each step of its work into ``Update`` records (new text,
+token count, logprobs, finish, or an error, per choice), and hands them to
+its ``Emitter``, which numbers, builds and publishes the events of a whole
+step in one Redis pipeline, and keeps the choices that are still live.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+from broker.schemas import Delta, Done, Error, FinishReason, Job, Timings, TokenLogprob, Usage
+from worker.publish import Publisher
+
+log = logging.getLogger("llmq.worker.engines")
+
+THROUGHPUT_WINDOW_S = 10.0
+
+
+class Refused(Exception):
+    """A job this engine cannot run as asked: a 400 naming the parameter."""
+
+    def __init__(self, message: str, param: str | None, code: str = "unsupported_parameter") -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+@dataclass(eq=False)
+class Choice:
+    """One choice of one job, from submit to its last event."""
+
+    job: Job
+    index: int
+    prompt_ids: list[int]
+    max_tokens: int
+    queue_s: float
+    submitted: float = field(default_factory=time.monotonic)
+    tokens: int = 0  # published so far
+    first_token_at: float | None = None
+    finish_reason: FinishReason | None = None
+    ended: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def request_id(self) -> str:
+        return f"{self.job.job_id}/{self.index}"
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """What one step did for one choice. ``text`` is final: stop strings
+    applied, nothing held back that a later step could take back."""
+
+    choice: Choice
+    text: str = ""
+    tokens: int = 0  # new tokens
+    logprobs: list[TokenLogprob] | None = None
+    finish: FinishReason | None = None
+    error: str | None = None
+
+
+class Engine(Protocol):
+    """One loaded model behind one engine; the runtime's only view of it."""
+
+    kind: str  # "transformers", "vllm", "llama.cpp"
+    names: tuple[str, ...]  # served names
+    context_length: int
+    vocab_size: int
+    tokenizer: Any  # a Hugging Face tokenizer: chat template, encode, decode
+    device: str
+    emitter: Emitter
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None:
+        """Stop; choices still live end with an error event."""
+
+    def check(self, job: Job) -> None:
+        """Raise ``Refused`` for a request option this engine cannot honour."""
+
+    def submit(self, job: Job, prompt_ids: list[int], max_tokens: int, queue_s: float) -> list[Choice]:
+        """Start the job's choices; each one's ``ended`` is set after its last event."""
+
+    def cancel(self, job_id: str) -> bool:
+        """Stop the job's choices at the next step; True if any was live."""
+
+    def healthy(self) -> bool: ...
+
+    def step_s(self) -> float: ...
+
+
+class Sequencer:
+    """Event numbers per job, shared by its choices (0 was Started)."""
+
+    def __init__(self) -> None:
+        self._next: dict[str, int] = {}
+
+    def next(self, job_id: str) -> int:
+        n = self._next.get(job_id, 1)
+        self._next[job_id] = n + 1
+        return n
+
+    def forget(self, job_id: str) -> None:
+        self._next.pop(job_id, None)
+
+
+class Emitter:
+    """The live choices of one engine and the events they produce.
+
+    ``cancel`` is the engine's own cancel, called when nobody listens on a
+    job's reply channel any more (its API process is gone)."""
+
+    def __init__(self, publisher: Publisher, cancel: Callable[[str], object]) -> None:
+        self._publisher = publisher
+        self._cancel = cancel
+        self._lock = threading.Lock()
+        self._live: dict[str, Choice] = {}  # request id -> choice
+        self._seq = Sequencer()
+        self._recent: deque[tuple[float, int]] = deque()
+
+    # ----------------------------------------------------------- bookkeeping
+
+    def add(self, choices: Sequence[Choice]) -> None:
+        with self._lock:
+            self._live.update((c.request_id, c) for c in choices)
+
+    def of_job(self, job_id: str) -> list[Choice]:
+        with self._lock:
+            return [c for c in self._live.values() if c.job.job_id == job_id]
+
+    def live(self) -> list[Choice]:
+        with self._lock:
+            return list(self._live.values())
+
+    @property
+    def running(self) -> int:
+        with self._lock:
+            return len(self._live)
+
+    def running_for(self, name: str) -> int:
+        with self._lock:
+            return sum(1 for c in self._live.values() if c.job.model == name)
+
+    def next_seq(self, job_id: str) -> int:
+        with self._lock:
+            return self._seq.next(job_id)
+
+    def tokens_per_s(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            while self._recent and now - self._recent[0][0] > THROUGHPUT_WINDOW_S:
+                self._recent.popleft()
+            return sum(n for _, n in self._recent) / THROUGHPUT_WINDOW_S
+
+    def end(self, choice: Choice, reason: FinishReason) -> None:
+        """The choice is over: no event of it follows; its waiter wakes."""
+        with self._lock:
+            self._live.pop(choice.request_id, None)
+            if not any(c.job.job_id == choice.job.job_id for c in self._live.values()):
+                self._seq.forget(choice.job.job_id)
+        if choice.finish_reason is None:
+            choice.finish_reason = reason
+        choice.ended.set()
+
+    # ---------------------------------------------------------------- events
+
+    def publish(self, updates: Sequence[Update]) -> None:
+        """One step's updates as events, in one pipeline."""
+        now = time.monotonic()
+        batch: list[tuple[Choice, Delta | Done | Error]] = []
+        finished: list[Choice] = []
+        new_tokens = 0
+        for u in updates:
+            c = u.choice
+            if c.finish_reason is not None:  # cancelled or ended; a step may still have been in flight
+                continue
+            if u.error is not None:
+                log.error("job %s: engine error: %s", c.job.job_id, u.error)
+                batch.append((c, Error(job_id=c.job.job_id, seq=self.next_seq(c.job.job_id), status=500,
+                                       error_type="server_error", code="engine_error",
+                                       message=f"The model failed while generating: {u.error}")))
+                c.finish_reason = "cancelled"
+                finished.append(c)
+                continue
+            if u.tokens:
+                new_tokens += u.tokens
+                c.tokens += u.tokens
+                if c.first_token_at is None:
+                    c.first_token_at = now
+            if u.text or u.logprobs:
+                batch.append((c, Delta(job_id=c.job.job_id, seq=self.next_seq(c.job.job_id), index=c.index,
+                                       text=u.text, completion_tokens=c.tokens, logprobs=u.logprobs)))
+            if u.finish is not None:
+                c.finish_reason = u.finish
+                batch.append((c, self._done(c, now)))
+                finished.append(c)
+        with self._lock:
+            self._recent.append((now, new_tokens))
+        if batch:
+            listeners = self._publisher.publish([(c.job.reply_channel, ev) for c, ev in batch])
+            gone = {c.job.job_id for (c, _), n in zip(batch, listeners) if n == 0 and c not in finished}
+            for job_id in gone:
+                # No API process listens on the reply channel: nobody will read this job.
+                log.warning("job %s: its reply channel has no subscriber, cancelling", job_id)
+                self._cancel(job_id)
+        for c in finished:
+            self.end(c, c.finish_reason or "stop")
+
+    def fail_all(self, status: int, code: str, message: str) -> int:
+        """End every live choice with an error event (engine stopped or died)."""
+        choices = self.live()
+        if not choices:
+            return 0
+        events = [(c.job.reply_channel, Error(job_id=c.job.job_id, seq=self.next_seq(c.job.job_id), status=status,
+                                              error_type="server_error", code=code, message=message))
+                  for c in choices]
+        try:
+            self._publisher.publish(events)
+        except Exception:
+            log.exception("could not tell %d job(s) that the engine stopped", len(choices))
+        for c in choices:
+            self.end(c, "cancelled")
+        return len(choices)
+
+    def _done(self, c: Choice, now: float) -> Done:
+        first = None if c.first_token_at is None else c.first_token_at - c.submitted
+        return Done(job_id=c.job.job_id, seq=self.next_seq(c.job.job_id), index=c.index, finish_reason=c.finish_reason or "stop",
+                    usage=Usage(prompt_tokens=len(c.prompt_ids), completion_tokens=c.tokens),
+                    timings=Timings(queue_s=c.queue_s, first_token_s=first, total_s=now - c.submitted))
+
+
+T = TypeVar("T")
+
+
+class Pump(Generic[T]):
+    """A thread that hands everything queued since its last round to
+    ``handle`` at once: outputs of steps that piled up go out together."""
+
+    def __init__(self, name: str, handle: Callable[[list[T]], None]) -> None:
+        self._handle = handle
+        self._queue: queue.Queue[list[T]] = queue.Queue()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.busy_s = 0.0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, items: list[T]) -> None:
+        self._queue.put(items)
+
+    def stop(self) -> None:
+        """Handle what is queued, then end. No thread of ours may outlive
+        stop(): a daemon thread still in native code when the interpreter
+        finalizes aborts the process."""
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not (self._stopping.is_set() and self._queue.empty()):
+            try:
+                items = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            while True:
+                try:
+                    items.extend(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            t = time.monotonic()
+            try:
+                self._handle(items)
+            except Exception:  # one bad batch must not kill the pump
+                log.exception("publishing %d outputs failed", len(items))
+            self.busy_s += time.monotonic() - t

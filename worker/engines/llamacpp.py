@@ -1,0 +1,293 @@
+"""The llama.cpp engine, for GGUF files: a ``llama-server`` child process the
+worker owns, one parallel slot per batch row.
+
+llama.cpp batches the slots' tokens into one decode per step, keeps each
+slot's prompt cache, samples, detokenizes and applies stop strings; this
+module maps each choice of a job onto one streamed request to its native
+``/completion`` endpoint (prompt as token ids, built by the runtime with the
+model's own tokenizer and chat template, read from the GGUF), and the
+server's stream onto ``Update`` records. Every sampler that llmq does not
+expose is set to its neutral value, so llama.cpp's defaults (top-k 40,
+min-p 0.05, ...) never change an answer behind the client's back.
+
+The worker starts the server, waits until it is healthy, and stops it with
+itself; on Linux the server also dies with the worker (``PR_SET_PDEATHSIG``)
+so a killed worker leaves no orphan. If the server exits on its own,
+``healthy()`` says so and the runtime ends the worker like a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from broker.schemas import FinishReason, Job, TokenLogprob
+from worker.engines import EngineOptions
+from worker.engines.base import Choice, Emitter, Pump, Update
+from worker.loading import ModelLoadError, ModelSpec, load_tokenizer
+from worker.publish import Publisher
+
+log = logging.getLogger("llmq.worker.engines.llamacpp")
+
+T = TypeVar("T")
+
+DEFAULT_BINARY = Path(__file__).resolve().parents[2] / ".engines" / "llama-server"  # scripts/install-llamacpp.sh
+STARTUP_TIMEOUT_S = 300.0
+# llama.cpp's stop types; "none" means it ended for another reason (aborted).
+FINISH: dict[str, FinishReason] = {"eos": "stop", "word": "stop", "limit": "length"}
+
+
+def binary(options: EngineOptions) -> Path:
+    path = Path(options.llama_server or os.environ.get("LLMQ_LLAMA_SERVER") or DEFAULT_BINARY)
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise ModelLoadError(f"--engine llama.cpp: no llama-server at {path}; build it with "
+                             "scripts/install-llamacpp.sh (make install does) or pass --llama-server PATH")
+    return path
+
+
+def server_argv(exe: Path, spec: ModelSpec, options: EngineOptions, port: int) -> list[str]:
+    """One slot per batch row; the KV cache (``-c``) is shared by the slots."""
+    slots = options.max_batch_size
+    argv = [str(exe), "-m", spec.path, "--host", "127.0.0.1", "--port", str(port), "--alias", spec.served_names()[0],
+            "-np", str(slots), "-c", str(options.kv_cache_tokens or slots * 2048),
+            "-t", str(options.threads or os.cpu_count() or 1), "--no-webui"]
+    if options.n_gpu_layers is not None:
+        argv += ["-ngl", str(options.n_gpu_layers)]
+    return argv
+
+
+def request_body(job: Job, index: int, prompt_ids: list[int], max_tokens: int) -> dict[str, Any]:
+    """One choice as a ``/completion`` request, every llmq option mapped."""
+    s = job.sampling
+    body: dict[str, Any] = {
+        "prompt": prompt_ids, "n_predict": max_tokens, "stream": True, "cache_prompt": True,
+        "temperature": s.temperature, "top_p": s.top_p, "top_k": max(s.top_k, 0),
+        "presence_penalty": s.presence_penalty, "frequency_penalty": s.frequency_penalty,
+        # neutral values for the samplers llmq does not expose (llama.cpp's defaults are not neutral)
+        "min_p": 0.0, "typical_p": 1.0, "repeat_penalty": 1.0, "top_n_sigma": -1.0, "xtc_probability": 0.0,
+        "dry_multiplier": 0.0, "mirostat": 0,
+        "stop": job.stop,
+    }
+    if s.seed is not None:
+        body["seed"] = s.seed + index
+    if s.logit_bias:
+        body["logit_bias"] = [[int(t), float(b)] for t, b in s.logit_bias.items()]
+    if s.logprobs is not None:
+        body["n_probs"] = max(s.logprobs, 1)  # 0 would send no probabilities at all; the top list is cut to k
+    return body
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL when the worker dies (Linux)."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LlamaCppEngine:
+    kind = "llama.cpp"
+
+    def __init__(self, spec: ModelSpec, options: EngineOptions, publisher: Publisher) -> None:
+        if not spec.path.endswith(".gguf") or not Path(spec.path).is_file():
+            raise ModelLoadError(f"--engine llama.cpp serves .gguf files; --model-path {spec.path} is not one")
+        if spec.load_8bit or spec.load_4bit:
+            raise ModelLoadError("--load-8bit/--load-4bit are for --engine transformers; a GGUF file carries its "
+                                 "own quantization")
+        exe = binary(options)
+        self.names = spec.served_names()
+        self.tokenizer = load_tokenizer(spec)
+        self.emitter = Emitter(publisher, self.cancel)
+        self._pump: Pump[Update] = Pump(f"llmq-pump-{self.names[0]}", self.emitter.publish)
+        self._stopping = threading.Event()
+        port = _free_port()
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.log_path = Path(tempfile.gettempdir()) / f"llmq-llama-server-{os.getpid()}-{port}.log"
+        argv = server_argv(exe, spec, options, port)
+        log.info("starting %s (log %s)", " ".join(argv), self.log_path)
+        with open(self.log_path, "wb") as out:
+            self.proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, "LD_LIBRARY_PATH": str(Path(os.path.realpath(exe)).parent)},
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+        meta = self._wait_ready()
+        self.context_length = min(int(meta["n_ctx"]), spec.context_length or int(meta["n_ctx"]))
+        self.vocab_size = int(meta["n_vocab"])
+        self.device = "cuda" if options.n_gpu_layers else "cpu"
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name=f"llmq-llamacpp-{self.names[0]}",
+                                             daemon=True)
+        self._loop_thread.start()
+        self._client: httpx.AsyncClient = self._call(self._make_client())
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # request id -> its stream (loop thread only)
+        self._step_s = 0.0
+        self._last_output = 0.0
+        log.info("llama.cpp engine for %s: pid %d, %d slots of %d tokens", ",".join(self.names), self.proc.pid,
+                 options.max_batch_size, self.context_length)
+
+    def _wait_ready(self) -> dict[str, Any]:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ModelLoadError(f"llama-server exited with code {self.proc.returncode} while loading: "
+                                     f"{self._log_tail()}")
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
+                    data = httpx.get(f"{self.base_url}/v1/models", timeout=5).json()["data"][0]
+                    return dict(data["meta"])
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.proc.kill()
+        raise ModelLoadError(f"llama-server not ready after {STARTUP_TIMEOUT_S:.0f} s: {self._log_tail()}")
+
+    def _log_tail(self, lines: int = 5) -> str:
+        try:
+            return " | ".join(self.log_path.read_text(errors="replace").strip().splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    async def _make_client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.base_url, timeout=httpx.Timeout(None, connect=10.0))
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    # ------------------------------------------------------------ control
+
+    def start(self) -> None:
+        self._pump.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        n = self.emitter.fail_all(503, "worker_shutdown", "The worker running this job shut down before it finished.")
+        if n:
+            log.warning("stopped with %d running job(s); they ended with an error", n)
+        try:
+            self._call(self._client.aclose(), timeout=5)
+        except Exception:
+            log.warning("closing the llama-server connections failed", exc_info=True)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join(timeout=5)
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._pump.stop()
+
+    def healthy(self) -> bool:
+        code = self.proc.poll()
+        if code is not None and not self._stopping.is_set():
+            log.error("llama-server (pid %d) exited with code %s: %s", self.proc.pid, code, self._log_tail())
+        return code is None or self._stopping.is_set()
+
+    def check(self, job: Job) -> None:
+        """llama.cpp honours every option llmq takes (logprobs up to 20, as llmq caps them)."""
+
+    def step_s(self) -> float:
+        return self._step_s
+
+    def submit(self, job: Job, prompt_ids: list[int], max_tokens: int, queue_s: float) -> list[Choice]:
+        choices = [Choice(job=job, index=i, prompt_ids=prompt_ids, max_tokens=max_tokens, queue_s=queue_s)
+                   for i in range(job.n)]
+        self.emitter.add(choices)
+        for c in choices:
+            self._loop.call_soon_threadsafe(self._start, c, request_body(job, c.index, prompt_ids, max_tokens))
+        return choices
+
+    def cancel(self, job_id: str) -> bool:
+        choices = self.emitter.of_job(job_id)
+        for c in choices:
+            self.emitter.end(c, "cancelled")
+            self._loop.call_soon_threadsafe(self._abort, c.request_id)
+        if choices:
+            log.info("job %s: cancelled after %d tokens", job_id, sum(c.tokens for c in choices))
+        return bool(choices)
+
+    # --------------------------------------------------------- loop thread
+
+    def _start(self, choice: Choice, body: dict[str, Any]) -> None:
+        if choice.finish_reason is not None:
+            return  # cancelled before it reached the loop
+        rid = choice.request_id
+        task = self._loop.create_task(self._stream(choice, body))
+        self._tasks[rid] = task
+        task.add_done_callback(lambda _: self._tasks.pop(rid, None))
+
+    def _abort(self, request_id: str) -> None:
+        task = self._tasks.get(request_id)
+        if task is not None:
+            task.cancel()  # closing the stream makes llama.cpp free the slot
+
+    async def _stream(self, choice: Choice, body: dict[str, Any]) -> None:
+        k = choice.job.sampling.logprobs
+        counted = 0
+        try:
+            async with self._client.stream("POST", "/completion", json=body) as resp:
+                if resp.status_code != 200:
+                    detail = (await resp.aread()).decode(errors="replace")[:300]
+                    raise RuntimeError(f"llama-server answered {resp.status_code}: {detail}")
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    msg = json.loads(line[6:])
+                    if "error" in msg:
+                        raise RuntimeError(f"llama-server: {msg['error']}")
+                    self._tick()
+                    if msg.get("stop"):
+                        finish = FINISH.get(msg.get("stop_type", ""))
+                        if finish is None:
+                            raise RuntimeError(f"llama-server ended the stream ({msg.get('stop_type')})")
+                        self._pump.put([Update(choice, text=msg.get("content", ""), finish=finish,
+                                               tokens=max(int(msg.get("tokens_predicted", counted)) - counted, 0))])
+                        return
+                    tokens = len(msg.get("tokens") or ())
+                    if not tokens and not msg.get("content"):
+                        continue  # the stream's opening message, or a progress report
+                    counted += tokens
+                    self._pump.put([Update(choice, text=msg.get("content", ""), tokens=tokens,
+                                           logprobs=_logprobs(msg.get("completion_probabilities"), k))])
+            raise RuntimeError("llama-server closed the stream before the end")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("job %s: llama.cpp failed choice %d: %s", choice.job.job_id, choice.index, exc)
+            self._pump.put([Update(choice, error=f"{type(exc).__name__}: {exc}")])
+
+    def _tick(self) -> None:
+        """A running mean of the time between the server's messages while busy."""
+        now = time.monotonic()
+        gap = now - self._last_output
+        self._last_output = now
+        if 0 < gap < 1.0:
+            self._step_s = 0.9 * self._step_s + 0.1 * gap if self._step_s else gap
+
+
+def _logprobs(entries: Any, k: int | None) -> list[TokenLogprob] | None:
+    """llama.cpp's ``completion_probabilities`` (raw distribution, as llmq's
+    own engine reports) as llmq's records, the top list cut to ``k``."""
+    if k is None or not entries:
+        return None
+    return [TokenLogprob(token=e["token"], logprob=float(e["logprob"]),
+                         top=[(t["token"], float(t["logprob"])) for t in e.get("top_logprobs", [])[:k]])
+            for e in entries]
