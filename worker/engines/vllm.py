@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 from broker.schemas import FinishReason, Job, TokenLogprob
 from worker.engines import EngineOptions
+from worker.engines import vllm_plugin
 from worker.engines.base import Choice, Emitter, Pump, Update
 from worker.loading import ModelLoadError, ModelSpec, load_tokenizer
 from worker.publish import Publisher
@@ -100,6 +101,9 @@ class VllmEngine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
         self.device = str(current_platform.device_type)
+        # vLLM's processes die with the worker (worker/engines/vllm_plugin.py).
+        os.environ[vllm_plugin.ENV] = str(os.getpid())
+        os.register_at_fork(after_in_child=vllm_plugin.die_with_parent)
         self.names = spec.served_names()
         self.tokenizer = load_tokenizer(spec)
         self.emitter = Emitter(publisher, self.cancel)
