@@ -68,7 +68,10 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any])
 async def run_async(cfg: HttpConfig) -> Figures:
     url = cfg.base_url.rstrip("/") + "/chat/completions"
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-    limits = httpx.Limits(max_connections=cfg.concurrency + 1, max_keepalive_connections=cfg.concurrency + 1)
+    # A new connection per request, for every system alike: llama-server now and
+    # then drops a kept-alive connection after a streamed answer, and the next
+    # request on it would count as its error.
+    limits = httpx.Limits(max_connections=cfg.concurrency + 1, max_keepalive_connections=0)
     timeout = httpx.Timeout(cfg.timeout_s, connect=10.0)
     async with httpx.AsyncClient(headers=headers, limits=limits, timeout=timeout) as client:
         for _ in range(cfg.warmup):

@@ -59,7 +59,7 @@ $PY -m cli.main worker --model-name smollm2 "${WORKER[@]}" ${LLMQ_BENCH_WORKER_A
 for _ in $(seq 1 900); do curl -sf "127.0.0.1:$API_PORT/v1/models" | grep -q smollm2 && break; sleep 1; done
 
 for c in "${CLIENTS[@]}"; do
-  n=$((c * 4)); [ "$c" -lt 4 ] && n=6
+  n=$((c * 8)); [ "$c" -lt 3 ] && n=24
   for sys in llmq "$ANCHOR_NAME"; do
     port=$API_PORT; [ "$sys" != llmq ] && port=$ANCHOR_PORT
     echo "== $sys ($ENGINE), $c client(s), $n requests"

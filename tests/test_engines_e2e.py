@@ -266,3 +266,41 @@ def test_worker_killed_before_first_token_then_mid_stream(es: EngineStack) -> No
     print(es.engine, f"mid-stream: '{err.value.message}' {waited:.2f} s after SIGKILL")
     assert "stopped before it finished" in err.value.message and waited < TTL_S + 3
     wait_for(lambda: MODEL not in models(es.base_url), TTL_S + 2, "no worker left")
+
+
+ENGINE_PROCESS = {"llama.cpp": "llama-server", "vllm": "VLLM::EngineCore"}
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINE_PROCESS))
+def test_engine_death_ends_the_worker_like_a_crash(engine: str, tmp_path: Path) -> None:
+    """The engine's own process dies (llama-server, vLLM's engine core): the
+    running job ends with an error, the worker leaves the registry and exits."""
+    rproc, port = start_redis(tmp_path)
+    env = {"LLMQ_REDIS_URL": f"redis://127.0.0.1:{port}/0", "LLMQ_HEARTBEAT_INTERVAL_S": "0.5",
+           "LLMQ_HEARTBEAT_TTL_S": str(TTL_S), "LLMQ_REGISTRY_CACHE_S": "0.2"}
+    api, base = start_api(env, name=f"api-death-{engine}")
+    worker = start_engine_worker(engine, env, f"death-{engine.replace('.', '')}")
+    try:
+        wait_model(base, MODEL, worker, timeout_s=900)
+        c = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+        stream = c.chat.completions.create(model=MODEL, messages=STORY, max_tokens=400, stream=True,
+                                           logit_bias=NO_END_BIAS)  # type: ignore[arg-type]
+        it = iter(stream)
+        for _ in range(4):
+            next(it)
+        child = next(p for p in psutil.Process(worker.popen.pid).children(recursive=True)
+                     if ENGINE_PROCESS[engine] in p.name())
+        child.kill()
+        killed = time.monotonic()
+        with pytest.raises(openai.APIError) as err:
+            for _ in it:
+                pass
+        waited = time.monotonic() - killed
+        wait_for(lambda: MODEL not in models(base), TTL_S + 5, "the worker leaves the registry")
+        wait_for(lambda: worker.popen.poll() is not None, 60, "the worker exits")
+        line = next(ln for ln in worker.log.read_text().splitlines() if "engine of" in ln and "died" in ln)
+        print(engine, f"'{err.value.message}' {waited:.2f} s after the kill; worker: '{line.split('] ')[-1]}'")
+        assert waited < TTL_S + 5
+    finally:
+        for p in (worker, api, rproc):
+            p.stop()

@@ -26,11 +26,8 @@ from worker.runtime import Runtime
 
 log = logging.getLogger("llmq.worker")
 
-CONSUME_TICK_S = 0.01
-
-
-def _tick() -> None:
-    """A timer's only job: end the event loop's poll so it checks for free threads."""
+CONSUME_TICK_S = 0.01  # while every thread is busy
+IDLE_TICK_S = 0.1  # otherwise: a Redis BRPOP is already waiting for the next job
 
 OPTIONS = [
     click.Option(["--engine"], type=click.Choice(ENGINES), default="transformers",
@@ -130,12 +127,19 @@ class LLMQStep(bootsteps.StartStopStep):
 
     def start(self, worker: Any) -> None:
         self.runtime.start()
-        if getattr(worker, "hub", None) is not None:
+        hub = getattr(worker, "hub", None)
+        if hub is not None:
             # With prefetch disabled, kombu asks Redis for the next job only
             # on an event-loop tick, and a thread that finishes a job does
             # not wake the loop: it slept up to a second (0.5 s median queue
-            # time at 16 clients). A short timer bounds that wait.
-            worker.hub.call_repeatedly(CONSUME_TICK_S, _tick)
+            # time at 16 clients). A short timer bounds that wait while every
+            # thread is busy; with a thread free, kombu's request for the
+            # next job is already out, and a 100-per-second wake-up would
+            # only take CPU from the engine.
+            def tick() -> None:
+                hub.call_later(CONSUME_TICK_S if self.runtime.saturated() else IDLE_TICK_S, tick)
+
+            tick()
 
     def stop(self, worker: Any) -> None:
         self.runtime.stop()

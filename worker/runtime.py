@@ -29,6 +29,7 @@ from worker.publish import Publisher
 log = logging.getLogger("llmq.worker")
 
 ENGINE_CHECK_S = 0.5
+FULL_GRACE_S = 0.1
 
 
 class Runtime:
@@ -48,6 +49,9 @@ class Runtime:
                            settings.heartbeat_ttl_ms())
         self._cancel_thread = threading.Thread(target=self._listen_cancels, name="llmq-cancels", daemon=True)
         self._stopping = threading.Event()
+        self._active = 0  # jobs in run(), one per busy Celery thread
+        self._active_lock = threading.Lock()
+        self._full_until = 0.0
         self._watchdog = threading.Thread(target=self._watch_engines, name="llmq-watchdog", daemon=True)
 
     def queues(self) -> list[str]:
@@ -120,11 +124,24 @@ class Runtime:
         """Run one job to its end; the return value is what Flower shows.
         Whatever goes wrong, the API hears of it: no client waits for a
         job that failed silently."""
+        with self._active_lock:
+            self._active += 1
         try:
             return self._run(job)
         except Exception as exc:
             log.exception("job %s: failed", job.job_id)
             return self._fail(job, 500, "worker_error", None, f"The worker failed this job: {type(exc).__name__}")
+        finally:
+            with self._active_lock:
+                if self._active >= self.options.max_batch_size:
+                    self._full_until = time.monotonic() + FULL_GRACE_S
+                self._active -= 1
+
+    def saturated(self) -> bool:
+        """Every Celery thread runs a job, or did a moment ago (Celery frees
+        the thread a little after ``run`` returns): a thread that frees up
+        must make the worker ask for the next job (``worker/bootstep.py``)."""
+        return self._active >= self.options.max_batch_size or time.monotonic() < self._full_until
 
     def _run(self, job: Job) -> dict[str, object]:
         jid = job.job_id

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from broker.schemas import FinishReason, Job, TokenLogprob
 from worker.engines import EngineOptions
 from worker.engines import vllm_plugin
-from worker.engines.base import Choice, Emitter, Pump, Update
+from worker.engines.base import Choice, Emitter, LoopBatcher, Update
 from worker.loading import ModelLoadError, ModelSpec, load_tokenizer
 from worker.publish import Publisher
 
@@ -107,11 +107,11 @@ class VllmEngine:
         self.names = spec.served_names()
         self.tokenizer = load_tokenizer(spec)
         self.emitter = Emitter(publisher, self.cancel)
-        self._pump: Pump[Update] = Pump(f"llmq-pump-{self.names[0]}", self.emitter.publish)
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name=f"llmq-vllm-{self.names[0]}",
                                              daemon=True)
         self._loop_thread.start()
+        self._out = LoopBatcher(self._loop, self.emitter.publish)
         self._tasks: dict[str, asyncio.Task[None]] = {}  # job id -> its generate task (loop thread only)
         self._step_s = 0.0
         self._last_output = 0.0
@@ -138,7 +138,7 @@ class VllmEngine:
     # ------------------------------------------------------------ control
 
     def start(self) -> None:
-        self._pump.start()
+        """Everything runs from the constructor on."""
 
     def stop(self) -> None:
         n = self.emitter.fail_all(503, "worker_shutdown", "The worker running this job shut down before it finished.")
@@ -149,7 +149,6 @@ class VllmEngine:
         except Exception:
             log.exception("vLLM did not shut down cleanly")
         self._close_loop()
-        self._pump.stop()
 
     def _close_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -202,7 +201,7 @@ class VllmEngine:
             async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params,
                                                request_id=job.job_id):
                 self._tick()
-                self._pump.put([
+                self._out.put([
                     Update(choices[o.index], text=o.text, tokens=len(o.token_ids),
                            logprobs=_logprobs(o.token_ids, o.logprobs, job.sampling.logprobs),
                            finish=FINISH.get(o.finish_reason) if o.finish_reason else None)
@@ -212,7 +211,7 @@ class VllmEngine:
             raise
         except Exception as exc:
             log.exception("job %s: vLLM failed it", job.job_id)
-            self._pump.put([Update(c, error=f"{type(exc).__name__}: {exc}") for c in choices])
+            self._out.put([Update(c, error=f"{type(exc).__name__}: {exc}") for c in choices])
 
     def _tick(self) -> None:
         """A running mean of the time between vLLM's outputs while busy: its step time."""
