@@ -58,6 +58,27 @@ class Choice:
         return f"{self.job.job_id}/{self.index}"
 
 
+def choices_of(job: Job, prompt_ids: list[int], max_tokens: int, queue_s: float) -> list[Choice]:
+    """A job's ``n`` choices, for engines that need no state of their own per choice."""
+    return [Choice(job=job, index=i, prompt_ids=prompt_ids, max_tokens=max_tokens, queue_s=queue_s)
+            for i in range(job.n)]
+
+
+class StepClock:
+    """A running mean of the time between an engine's outputs while busy: the
+    step time of an engine that does not report its own (vLLM, llama.cpp)."""
+
+    def __init__(self) -> None:
+        self.mean_s = 0.0
+        self._last = 0.0
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        gap, self._last = now - self._last, now
+        if 0 < gap < 1.0:
+            self.mean_s = 0.9 * self.mean_s + 0.1 * gap if self.mean_s else gap
+
+
 @dataclass(frozen=True, slots=True)
 class Update:
     """What one step did for one choice. ``text`` is final: stop strings

@@ -39,7 +39,7 @@ import httpx
 
 from broker.schemas import FinishReason, Job, TokenLogprob
 from worker.engines import EngineOptions
-from worker.engines.base import Choice, Emitter, LoopBatcher, Update
+from worker.engines.base import Choice, Emitter, LoopBatcher, StepClock, Update, choices_of
 from worker.loading import ModelLoadError, ModelSpec, load_tokenizer
 from worker.publish import Publisher
 
@@ -146,8 +146,7 @@ class LlamaCppEngine:
         self._out = LoopBatcher(self._loop, self.emitter.publish)
         self._session: aiohttp.ClientSession = self._call(self._make_session())
         self._tasks: dict[str, asyncio.Task[None]] = {}  # request id -> its stream (loop thread only)
-        self._step_s = 0.0
-        self._last_output = 0.0
+        self._clock = StepClock()
         log.info("llama.cpp engine for %s: pid %d, %d slots of %d tokens", ",".join(self.names), self.proc.pid,
                  options.max_batch_size, self.context_length)
 
@@ -220,11 +219,10 @@ class LlamaCppEngine:
         """llama.cpp honours every option llmq takes (logprobs up to 20, as llmq caps them)."""
 
     def step_s(self) -> float:
-        return self._step_s
+        return self._clock.mean_s
 
     def submit(self, job: Job, prompt_ids: list[int], max_tokens: int, queue_s: float) -> list[Choice]:
-        choices = [Choice(job=job, index=i, prompt_ids=prompt_ids, max_tokens=max_tokens, queue_s=queue_s)
-                   for i in range(job.n)]
+        choices = choices_of(job, prompt_ids, max_tokens, queue_s)
         self.emitter.add(choices)
         for c in choices:
             self._loop.call_soon_threadsafe(self._start, c, request_body(job, c.index, prompt_ids, max_tokens))
@@ -268,7 +266,7 @@ class LlamaCppEngine:
                     msg = json.loads(line[6:])
                     if "error" in msg:
                         raise RuntimeError(f"llama-server: {msg['error']}")
-                    self._tick()
+                    self._clock.tick()
                     if msg.get("stop"):
                         finish = FINISH.get(msg.get("stop_type", ""))
                         if finish is None:
@@ -289,13 +287,6 @@ class LlamaCppEngine:
             log.warning("job %s: llama.cpp failed choice %d: %s", choice.job.job_id, choice.index, exc)
             self._out.put([Update(choice, error=f"{type(exc).__name__}: {exc}")])
 
-    def _tick(self) -> None:
-        """A running mean of the time between the server's messages while busy."""
-        now = time.monotonic()
-        gap = now - self._last_output
-        self._last_output = now
-        if 0 < gap < 1.0:
-            self._step_s = 0.9 * self._step_s + 0.1 * gap if self._step_s else gap
 
 
 def _logprobs(entries: Any, k: int | None) -> list[TokenLogprob] | None:

@@ -20,14 +20,13 @@ import asyncio
 import logging
 import os
 import threading
-import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from broker.schemas import FinishReason, Job, TokenLogprob
 from worker.engines import EngineOptions
 from worker.engines import vllm_plugin
-from worker.engines.base import Choice, Emitter, LoopBatcher, Update
+from worker.engines.base import Choice, Emitter, LoopBatcher, StepClock, Update, choices_of
 from worker.loading import ModelLoadError, ModelSpec, load_tokenizer
 from worker.publish import Publisher
 
@@ -113,8 +112,7 @@ class VllmEngine:
         self._loop_thread.start()
         self._out = LoopBatcher(self._loop, self.emitter.publish)
         self._tasks: dict[str, asyncio.Task[None]] = {}  # job id -> its generate task (loop thread only)
-        self._step_s = 0.0
-        self._last_output = 0.0
+        self._clock = StepClock()
         args = AsyncEngineArgs(**engine_args(spec, options))
 
         async def make() -> Any:
@@ -161,11 +159,10 @@ class VllmEngine:
         """vLLM honours every option llmq takes."""
 
     def step_s(self) -> float:
-        return self._step_s
+        return self._clock.mean_s
 
     def submit(self, job: Job, prompt_ids: list[int], max_tokens: int, queue_s: float) -> list[Choice]:
-        choices = [Choice(job=job, index=i, prompt_ids=prompt_ids, max_tokens=max_tokens, queue_s=queue_s)
-                   for i in range(job.n)]
+        choices = choices_of(job, prompt_ids, max_tokens, queue_s)
         self.emitter.add(choices)
         self._loop.call_soon_threadsafe(self._start, job, prompt_ids, max_tokens, choices)
         return choices
@@ -200,7 +197,7 @@ class VllmEngine:
             params = sampling_params(job, max_tokens)
             async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params,
                                                request_id=job.job_id):
-                self._tick()
+                self._clock.tick()
                 self._out.put([
                     Update(choices[o.index], text=o.text, tokens=len(o.token_ids),
                            logprobs=_logprobs(o.token_ids, o.logprobs, job.sampling.logprobs),
@@ -213,13 +210,6 @@ class VllmEngine:
             log.exception("job %s: vLLM failed it", job.job_id)
             self._out.put([Update(c, error=f"{type(exc).__name__}: {exc}") for c in choices])
 
-    def _tick(self) -> None:
-        """A running mean of the time between vLLM's outputs while busy: its step time."""
-        now = time.monotonic()
-        gap = now - self._last_output
-        self._last_output = now
-        if 0 < gap < 1.0:
-            self._step_s = 0.9 * self._step_s + 0.1 * gap if self._step_s else gap
 
 
 def _logprobs(token_ids: Any, entries: Any, k: int | None) -> list[TokenLogprob] | None:
