@@ -64,6 +64,12 @@ class EngineStack:
         return openai.OpenAI(base_url=self.v1, api_key="unused", max_retries=0, timeout=timeout)
 
 
+def stack_env(redis_port: int) -> dict[str, str]:
+    """Short heartbeats, so registry changes show within seconds."""
+    return {"LLMQ_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "LLMQ_HEARTBEAT_INTERVAL_S": "0.5",
+            "LLMQ_HEARTBEAT_TTL_S": str(TTL_S), "LLMQ_REGISTRY_CACHE_S": "0.2"}
+
+
 def start_engine_worker(engine: str, env: dict[str, str], name: str) -> Proc:
     path = gguf() if engine == "llama.cpp" else str(DEMO_MODEL_DIR)
     extra = ["--dtype", "float32"] if engine == "vllm" else []
@@ -80,8 +86,7 @@ def es(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory)
     if engine == "llama.cpp" and not (Path(__file__).resolve().parents[1] / ".engines" / "llama-server").exists():
         pytest.fail("llama-server is missing: run `make install-engines` (make test does)")
     rproc, port = start_redis(Path(tmp_path_factory.mktemp("redis")))
-    env = {"LLMQ_REDIS_URL": f"redis://127.0.0.1:{port}/0", "LLMQ_HEARTBEAT_INTERVAL_S": "0.5",
-           "LLMQ_HEARTBEAT_TTL_S": str(TTL_S), "LLMQ_REGISTRY_CACHE_S": "0.2"}
+    env = stack_env(port)
     api, base = start_api(env, name=f"api-{engine}")
     tag = engine.replace(".", "")
     workers = [start_engine_worker(engine, env, f"{tag}-{i}") for i in "ab"]
@@ -276,8 +281,7 @@ def test_engine_death_ends_the_worker_like_a_crash(engine: str, tmp_path: Path) 
     """The engine's own process dies (llama-server, vLLM's engine core): the
     running job ends with an error, the worker leaves the registry and exits."""
     rproc, port = start_redis(tmp_path)
-    env = {"LLMQ_REDIS_URL": f"redis://127.0.0.1:{port}/0", "LLMQ_HEARTBEAT_INTERVAL_S": "0.5",
-           "LLMQ_HEARTBEAT_TTL_S": str(TTL_S), "LLMQ_REGISTRY_CACHE_S": "0.2"}
+    env = stack_env(port)
     api, base = start_api(env, name=f"api-death-{engine}")
     worker = start_engine_worker(engine, env, f"death-{engine.replace('.', '')}")
     try:
