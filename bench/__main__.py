@@ -1,4 +1,4 @@
-"""``python -m bench {http,baseline,compare,profile,turns}``: see ``--help`` of each."""
+"""``python -m bench {http,baseline,compare,constrained,profile,turns}``: see ``--help`` of each."""
 
 from __future__ import annotations
 
@@ -14,6 +14,11 @@ from bench.stats import Figures
 # Asks for a long answer, so most requests run to max_tokens: the API has no
 # ignore_eos, and short answers would measure prefill more than decode.
 DEFAULT_PROMPT = "Write a long story about a lighthouse keeper."
+# The constrained run's schema: the story inside a JSON object, so that its
+# requests also run to max_tokens and the two runs differ only in the grammar.
+STORY_FORMAT: dict[str, Any] = {"type": "json_schema", "json_schema": {"name": "story", "schema": {
+    "type": "object", "properties": {"title": {"type": "string", "maxLength": 60}, "story": {"type": "string"}},
+    "required": ["title", "story"], "additionalProperties": False}}}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -54,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
     _http_args(c, 32)
     _baseline_args(c, "--baseline-requests", 4)
     _common(c)
+    st = sub.add_parser("constrained", help="http twice, free then held to a JSON schema: the cost of the grammar")
+    _http_args(st, 32)
+    _common(st)
     pr = sub.add_parser("profile", help="the engine's step in-process: where the time goes at a given batch")
     pr.add_argument("--model-path", required=True, help="model directory, HF id or .gguf (as the worker takes)")
     pr.add_argument("--batch", type=int, default=16, help="concurrent requests kept running (the batch)")
@@ -107,12 +115,13 @@ def _write_json(path: Path | None, result: dict[str, Any]) -> None:
         path.write_text(json.dumps(result, indent=2) + "\n")
 
 
-def _http(a: argparse.Namespace) -> Figures:
+def _http(a: argparse.Namespace, response_format: dict[str, Any] | None = None, label: str = "http") -> Figures:
     from bench.http import HttpConfig, run
 
     return run(HttpConfig(base_url=a.base_url, model=a.model, prompt=a.prompt, concurrency=a.concurrency,
                           requests=a.requests, max_tokens=a.max_tokens, temperature=a.temperature,
-                          api_key=a.api_key, unique_prompts=a.unique_prompts))
+                          api_key=a.api_key, unique_prompts=a.unique_prompts, response_format=response_format,
+                          label=label))
 
 
 def _baseline(a: argparse.Namespace) -> Figures:
@@ -138,8 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(_baseline(a))
     if a.cmd in ("http", "compare"):
         runs.append(_http(a))
+    if a.cmd == "constrained":
+        runs += [_http(a, label="free"), _http(a, STORY_FORMAT, label="json schema")]
     load_end = os.getloadavg()
     render(runs)
+    if a.cmd == "constrained" and runs[0].tokens_per_s and runs[1].tokens_per_s:
+        print(f"constrained / free output tokens/s: {runs[1].tokens_per_s / runs[0].tokens_per_s:.3f}")
     print(f"load average (1 min) at start {load_start[0]:.2f}, at end {load_end[0]:.2f}; {os.cpu_count()} CPUs")
     if a.json is not None:
         meta: dict[str, Any] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}

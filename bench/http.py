@@ -28,13 +28,15 @@ class HttpConfig:
     timeout_s: float = 600.0
     warmup: int = 1
     unique_prompts: bool = False  # number each prompt, so no two share a cached prefix beyond the template's
+    response_format: dict[str, Any] | None = None  # a constrained run (``python -m bench constrained``)
+    label: str = "http"
 
 
 def payload(cfg: HttpConfig, max_tokens: int | None = None, number: int | None = None) -> dict[str, Any]:
     # No ignore_eos in the API: usage counts the real tokens instead, and a
     # prompt that asks for a long answer keeps most requests at max_tokens.
     prompt = cfg.prompt if number is None or not cfg.unique_prompts else f"Request {number}. {cfg.prompt}"
-    return {
+    body: dict[str, Any] = {
         "model": cfg.model,
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens or cfg.max_tokens,
@@ -42,6 +44,9 @@ def payload(cfg: HttpConfig, max_tokens: int | None = None, number: int | None =
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if cfg.response_format is not None:
+        body["response_format"] = cfg.response_format
+    return body
 
 
 async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> RequestResult:
@@ -91,7 +96,7 @@ async def run_async(cfg: HttpConfig) -> Figures:
         t0 = time.perf_counter()
         await asyncio.gather(*(client_loop() for _ in range(min(cfg.concurrency, cfg.requests))))
         wall = time.perf_counter() - t0
-    return summarise("http", results, wall, cfg.concurrency, cfg.max_tokens)
+    return summarise(cfg.label, results, wall, cfg.concurrency, cfg.max_tokens)
 
 
 def run(cfg: HttpConfig) -> Figures:

@@ -5,13 +5,13 @@ so a mismatch between versions fails loudly instead of silently."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 SCHEMA_VERSION = 1
 
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
 ModelKind = Literal["chat", "embedding"]
 
 
@@ -22,9 +22,46 @@ class Strict(BaseModel):
 # --------------------------------------------------------------------- jobs
 
 
+class FunctionCall(Strict):
+    name: str
+    arguments: str = Field(description="a JSON object, as text (OpenAI's shape)")
+
+
+class ToolCall(Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(Strict):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    tool_calls: list[ToolCall] | None = Field(default=None, description="assistant turns that called tools")
+    tool_call_id: str | None = Field(default=None, description="tool turns: the call this answers")
+
+
+class Function(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(default=None, description="JSON schema of the arguments")
+    strict: bool | None = None
+
+
+class Tool(Strict):
+    type: Literal["function"] = "function"
+    function: Function
+
+
+class Constraint(Strict):
+    """What every choice's output must match, enforced token by token by a
+    grammar in the engine (worker/grammar.py)."""
+
+    kind: Literal["json", "regex", "choice", "grammar"]
+    json_schema: dict[str, Any] | None = Field(default=None, description="kind json; None: any JSON object")
+    pattern: str | None = Field(default=None, description="kind regex")
+    choices: list[str] | None = Field(default=None, description="kind choice: exactly one of these strings")
+    ebnf: str | None = Field(default=None, description="kind grammar: an EBNF grammar with a root rule")
+    param: str = Field(default="response_format", description="the request field it came from, for errors")
 
 
 class Sampling(Strict):
@@ -54,6 +91,11 @@ class Job(Strict):
     n: int = Field(default=1, ge=1, description="independent choices")
     stop: list[str] = Field(default_factory=list, description="never emitted; generation ends before them")
     echo: bool = Field(default=False, description="completions: the prompt text comes first")
+    constraint: Constraint | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required", "function"] = "auto"
+    tool_name: str | None = Field(default=None, description="tool_choice function: the function it must call")
+    parallel_tool_calls: bool = True
     reply_channel: str
     submitted_at: float = Field(description="epoch seconds when the API enqueued the job")
 
@@ -71,6 +113,8 @@ class Job(Strict):
             "kind": self.kind,
             "prompt_chars_or_tokens": size,
             "n": self.n,
+            "constrained": self.constraint.kind if self.constraint else None,
+            "tools": len(self.tools or ()),
             **self.sampling.model_dump(exclude={"logit_bias"}),
         }
 
@@ -97,12 +141,23 @@ class TokenLogprob(Strict):
     top: list[tuple[str, float]] = Field(default_factory=list)
 
 
+class ToolCallDelta(Strict):
+    """A piece of one tool call: its first piece names it, the rest extend
+    its arguments (OpenAI's streamed ``delta.tool_calls[]``)."""
+
+    index: int = Field(description="which call of this choice")
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
 class Delta(_Event):
     type: Literal["delta"] = "delta"
     index: int = Field(default=0, description="which choice")
     text: str
     completion_tokens: int = Field(description="tokens of this choice generated so far")
     logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class Usage(Strict):

@@ -219,6 +219,38 @@ def test_logit_bias_bans_a_token(es: EngineStack) -> None:
     assert banned.choices[0].logprobs.tokens[0] != first  # type: ignore[union-attr,index]
 
 
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 30}, "age": {"type": "integer"}},
+          "required": ["name", "age"], "additionalProperties": False}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+                                          "required": ["city"]}}}
+
+
+def test_json_schema_holds_on_every_engine(es: EngineStack) -> None:
+    """Each engine enforces the schema its own way (llmq's sampler, vLLM's
+    xgrammar backend, llama.cpp's grammar from the schema)."""
+    r = es.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Describe a person as JSON."}], temperature=0.8, seed=2,
+        max_tokens=120, n=2, response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}})
+    for c in r.choices:
+        value = json.loads(c.message.content or "")
+        assert c.finish_reason == "stop" and set(value) == {"name", "age"} and isinstance(value["age"], int)
+
+
+def test_tool_calls_or_a_400_naming_tools(es: EngineStack) -> None:
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER],
+              tool_choice="required", parallel_tool_calls=False, temperature=0, max_tokens=60)
+    if es.engine == "llama.cpp":  # llama-server does not run xgrammar's tool grammars: refused, never ignored
+        with pytest.raises(openai.BadRequestError) as err:
+            es.client().chat.completions.create(**kw)  # type: ignore[call-overload]
+        assert err.value.param == "tools" and "llama.cpp" in err.value.message
+        return
+    r = es.client().chat.completions.create(**kw)  # type: ignore[call-overload]
+    call = r.choices[0].message.tool_calls[0]
+    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+
+
 def test_client_hangup_cancels_the_job(es: EngineStack) -> None:
     body = {"model": MODEL, "messages": STORY, "max_tokens": 400, "stream": True, "logit_bias": NO_END_BIAS}
     with httpx.Client(timeout=60) as http:

@@ -131,8 +131,11 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
         ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"logit_bias": {"hello": 1}}, "logit_bias"),
         ({"top_logprobs": 2}, "top_logprobs"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}, {"type": "function", "function": {"name": "f"}}]},
+         "tools"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+         "response_format"),
+        ({"extra_body": {"structured_outputs": {"regex": "(?<=a)b"}}}, "structured_outputs"),
         ({"extra_body": {"temprature": 1}}, "temprature"),
     ],
 )

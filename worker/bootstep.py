@@ -19,7 +19,7 @@ import redis
 
 from broker.settings import Settings
 from worker.embeddings import is_embedding_model, load_embedding
-from worker.engines import ENGINES, MAX_STEP_TOKENS, EngineOptions, build
+from worker.engines import ENGINES, MAX_STEP_TOKENS, TOOL_FORMATS, EngineOptions, build
 from worker.loading import ModelLoadError, ModelSpec
 from worker.publish import Publisher
 from worker.runtime import Runtime
@@ -47,6 +47,8 @@ OPTIONS = [
     click.Option(["--prefix-caching/--no-prefix-caching"], default=True,
                  help="reuse the KV cache of prompt prefixes seen before (chat turns, shared system prompts)"),
     click.Option(["--trust-remote-code"], is_flag=True, default=False),
+    click.Option(["--tool-call-parser"], type=click.Choice(TOOL_FORMATS), default=None,
+                 help="how the model writes tool calls; default: read from its chat template, else generic"),
     click.Option(["--load-8bit"], is_flag=True, default=False, help="8-bit weights (bitsandbytes)"),
     click.Option(["--load-4bit"], is_flag=True, default=False, help="4-bit NF4 weights (bitsandbytes)"),
     click.Option(["--num-gpus"], type=int, default=1, help="spread each model over this many GPUs"),
@@ -109,6 +111,7 @@ class LLMQStep(bootsteps.StartStopStep):
             tensor_parallel_size=opts.get("tensor_parallel_size") or 1, max_model_len=opts.get("max_model_len"),
             quantization=opts.get("quantization"), enforce_eager=bool(opts.get("enforce_eager")),
             llama_server=opts.get("llama_server"), n_gpu_layers=opts.get("n_gpu_layers"),
+            tool_call_parser=opts.get("tool_call_parser"),
         )
         publisher = Publisher(redis.Redis.from_url(settings.redis_url, health_check_interval=30))
         try:

@@ -1,11 +1,14 @@
 """Prompt token ids for a job: the tokenizer's own chat template for chat
-jobs, plain encoding (or the ids as given) for completions."""
+jobs, plain encoding (or the ids as given) for completions. A chat job's
+tools go to the template (``tools=``) when the model's tool format is its
+own, else into llmq's generic system message (``worker/toolcalls.py``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from broker.schemas import Job
+from worker.toolcalls import FORMATS, ToolFormat, render_generic, render_native
 
 
 class PromptError(Exception):
@@ -16,13 +19,18 @@ class PromptError(Exception):
         self.param = param
 
 
-def prompt_ids(tokenizer: Any, job: Job, vocab_size: int) -> list[int]:
+def prompt_ids(tokenizer: Any, job: Job, vocab_size: int, tools: ToolFormat = FORMATS["generic"]) -> list[int]:
     if job.kind == "chat":
         assert job.messages is not None
+        extra: dict[str, Any] = {}
+        if job.tools and not tools.native:
+            messages = render_generic(job.messages, job.tools)
+        else:
+            messages = render_native(job.messages)
+            if job.tools:
+                extra["tools"] = [t.model_dump(exclude_none=True) for t in job.tools]
         try:
-            out = tokenizer.apply_chat_template(
-                [m.model_dump() for m in job.messages], add_generation_prompt=True, tokenize=True
-            )
+            out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
         except Exception as exc:  # jinja raises TemplateError and plain exceptions alike
             raise PromptError(f"The model's chat template rejected these messages: {exc}", "messages") from exc
         ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out

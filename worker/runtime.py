@@ -158,7 +158,7 @@ class Runtime:
             return self._fail(job, 404, "model_not_found", "model", f"This worker does not serve '{job.model}'.")
         try:
             engine.check(job)
-            ids = prompt_ids(engine.tokenizer, job, engine.vocab_size)
+            ids = prompt_ids(engine.tokenizer, job, engine.vocab_size, engine.tool_format)
         except Refused as exc:
             return self._fail(job, 400, exc.code, exc.param, str(exc))
         except PromptError as exc:

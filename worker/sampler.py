@@ -18,18 +18,24 @@ batch, whatever mix of options the rows carry:
 4. logprobs (and the top alternatives) come from the model's raw
    distribution, before penalties and temperature, as OpenAI reports them.
 
-This is the one place where a token is chosen, so grammar masks
-(structured outputs, tool calls) go here too.
+Rows with a grammar (structured outputs, tool calls: ``worker/grammar.py``)
+have the tokens it forbids masked after step 1, all such rows in one call;
+each picked token then advances its row's matcher. Rows without one pay
+nothing.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from broker.schemas import Sampling
+
+if TYPE_CHECKING:
+    from worker.grammar import Grammars
 
 GREEDY_BELOW = 1e-5
 
@@ -49,6 +55,7 @@ class Slot:
     row: int  # its row in the sampler's counts tensor
     generator: torch.Generator | None = None
     bias: torch.Tensor | None = None  # [vocab], from logit_bias
+    matcher: Any = None  # an xgrammar GrammarMatcher when the output is constrained
     picks: deque[Pick] = field(default_factory=deque)  # waiting for the pump thread
 
     @property
@@ -65,8 +72,9 @@ class Slot:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, rows: int = 64) -> None:
+    def __init__(self, vocab_size: int, rows: int = 64, grammars: Grammars | None = None) -> None:
         self.vocab_size = vocab_size
+        self.grammars = grammars
         self._counts = torch.zeros(rows, vocab_size)  # output tokens so far, per slot row
         self._free_rows = list(range(rows - 1, -1, -1))
 
@@ -91,6 +99,7 @@ class Sampler:
 
     def close(self, slot: Slot) -> None:
         self._free_rows.append(slot.row)
+        slot.matcher = None  # a cancelled or finished request frees its grammar state
 
     @torch.no_grad()
     def sample(self, logits: torch.Tensor, slots: list[Slot]) -> list[int]:
@@ -98,6 +107,11 @@ class Sampler:
         penalized = [i for i, s in enumerate(slots) if s.penalized]
         counts_rows = torch.tensor([slots[i].row for i in penalized], dtype=torch.long)
         x = self._adjust(raw, slots, penalized, counts_rows)
+        constrained = [(i, s.matcher) for i, s in enumerate(slots) if s.matcher is not None]
+        if constrained:
+            assert self.grammars is not None
+            x = x.clone() if x is raw else x  # logprobs are read from the raw logits
+            self.grammars.apply_masks(x, constrained)
         temps = torch.tensor([s.sampling.temperature for s in slots])
         hot = temps >= GREEDY_BELOW
         if not bool(hot.any()):
@@ -111,7 +125,11 @@ class Sampler:
         if penalized:
             self._counts.index_put_((counts_rows, tokens[penalized]), torch.ones(len(penalized)), accumulate=True)
         self._record_logprobs(raw, tokens, slots)
-        return tokens.tolist()
+        picked = tokens.tolist()
+        for i, matcher in constrained:
+            if not matcher.accept_token(picked[i]):  # the mask allowed it, so this is a bug, not bad input
+                raise RuntimeError(f"the grammar rejected token {picked[i]} that its own mask allowed")
+        return picked
 
     def _adjust(self, x: torch.Tensor, slots: list[Slot], penalized: list[int],
                 counts_rows: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from worker.publish import Publisher
 
 EngineKind = Literal["transformers", "vllm", "llama.cpp"]
+# worker/toolcalls.py's formats, named here so that reading options imports no engine.
+TOOL_FORMATS = ("hermes", "llama3_json", "mistral", "generic")
 ENGINES: tuple[EngineKind, ...] = ("transformers", "vllm", "llama.cpp")
 MAX_STEP_TOKENS = 256
 
@@ -34,6 +36,7 @@ class EngineOptions:
     engine: EngineKind = "transformers"
     max_batch_size: int = 16
     kv_cache_tokens: int | None = None
+    tool_call_parser: str | None = None  # one of TOOL_FORMATS; None: from the chat template
     # transformers
     max_step_tokens: int = MAX_STEP_TOKENS
     prefix_caching: bool = True

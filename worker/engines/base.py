@@ -21,8 +21,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
-from broker.schemas import Delta, Done, Error, FinishReason, Job, Timings, TokenLogprob, Usage
+from broker.schemas import Delta, Done, Error, FinishReason, Job, Timings, TokenLogprob, ToolCallDelta, Usage
 from worker.publish import Publisher
+from worker.toolcalls import ToolCallParser, ToolFormat
 
 log = logging.getLogger("llmq.worker.engines")
 
@@ -52,6 +53,7 @@ class Choice:
     first_token_at: float | None = None
     finish_reason: FinishReason | None = None
     ended: threading.Event = field(default_factory=threading.Event)
+    tool_parser: ToolCallParser | None = None  # set by the Emitter when the job may call tools
 
     @property
     def request_id(self) -> str:
@@ -101,6 +103,7 @@ class Engine(Protocol):
     vocab_size: int
     tokenizer: Any  # a Hugging Face tokenizer: chat template, encode, decode
     device: str
+    tool_format: ToolFormat  # how this model writes tool calls (worker/toolcalls.py)
     emitter: Emitter
 
     def start(self) -> None: ...
@@ -109,7 +112,8 @@ class Engine(Protocol):
         """Stop; choices still live end with an error event."""
 
     def check(self, job: Job) -> None:
-        """Raise ``Refused`` for a request option this engine cannot honour."""
+        """Raise ``Refused`` for a request option this engine cannot honour
+        (or a grammar it cannot build)."""
 
     def submit(self, job: Job, prompt_ids: list[int], max_tokens: int, queue_s: float) -> list[Choice]:
         """Start the job's choices; each one's ``ended`` is set after its last event."""
@@ -141,11 +145,14 @@ class Emitter:
     """The live choices of one engine and the events they produce.
 
     ``cancel`` is the engine's own cancel, called when nobody listens on a
-    job's reply channel any more (its API process is gone)."""
+    job's reply channel any more (its API process is gone). Choices of jobs
+    that may call tools get a parser of ``tools``: their text becomes
+    content and tool-call pieces here, whatever the engine."""
 
-    def __init__(self, publisher: Publisher, cancel: Callable[[str], object]) -> None:
+    def __init__(self, publisher: Publisher, cancel: Callable[[str], object], tools: ToolFormat) -> None:
         self._publisher = publisher
         self._cancel = cancel
+        self._tools = tools
         self._lock = threading.Lock()
         self._live: dict[str, Choice] = {}  # request id -> choice
         self._seq = Sequencer()
@@ -154,6 +161,9 @@ class Emitter:
     # ----------------------------------------------------------- bookkeeping
 
     def add(self, choices: Sequence[Choice]) -> None:
+        for c in choices:
+            if c.job.tools and c.job.tool_choice != "none":
+                c.tool_parser = self._tools.parser()
         with self._lock:
             self._live.update((c.request_id, c) for c in choices)
 
@@ -220,11 +230,13 @@ class Emitter:
                 c.tokens += u.tokens
                 if c.first_token_at is None:
                     c.first_token_at = now
-            if u.text or u.logprobs:
+            text, calls, finish = self._split_calls(c, u) if c.tool_parser else (u.text, [], u.finish)
+            if text or u.logprobs or calls:
                 batch.append((c, Delta(job_id=c.job.job_id, seq=self.next_seq(c.job.job_id), index=c.index,
-                                       text=u.text, completion_tokens=c.tokens, logprobs=u.logprobs)))
-            if u.finish is not None:
-                c.finish_reason = u.finish
+                                       text=text, completion_tokens=c.tokens, logprobs=u.logprobs,
+                                       tool_calls=calls or None)))
+            if finish is not None:
+                c.finish_reason = finish
                 batch.append((c, self._done(c, now)))
                 finished.append(c)
         with self._lock:
@@ -238,6 +250,20 @@ class Emitter:
                 self._cancel(job_id)
         for c in finished:
             self.end(c, c.finish_reason or "stop")
+
+    @staticmethod
+    def _split_calls(c: Choice, u: Update) -> tuple[str, list[ToolCallDelta], FinishReason | None]:
+        """The update's text as content and tool-call pieces; a choice that
+        stopped after calling tools finishes with ``tool_calls``."""
+        assert c.tool_parser is not None
+        text, calls = c.tool_parser.feed(u.text)
+        finish = u.finish
+        if finish is not None:
+            more, more_calls = c.tool_parser.flush()
+            text, calls = text + more, calls + more_calls
+            if finish == "stop" and c.tool_parser.calls:
+                finish = "tool_calls"
+        return text, calls, finish
 
     def fail_all(self, status: int, code: str, message: str) -> int:
         """End every live choice with an error event (engine stopped or died)."""

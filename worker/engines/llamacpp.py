@@ -39,9 +39,11 @@ import httpx
 
 from broker.schemas import FinishReason, Job, TokenLogprob
 from worker.engines import EngineOptions
-from worker.engines.base import Choice, Emitter, LoopBatcher, StepClock, Update, choices_of
+from worker.engines.base import Choice, Emitter, LoopBatcher, Refused, StepClock, Update, choices_of
+from worker.grammar import JSON_OBJECT, check_spec, spec_of
 from worker.loading import ModelLoadError, ModelSpec, load_tokenizer
 from worker.publish import Publisher
+from worker.toolcalls import format_for
 
 log = logging.getLogger("llmq.worker.engines.llamacpp")
 
@@ -96,6 +98,8 @@ def request_body(job: Job, index: int, prompt_ids: list[int], max_tokens: int) -
         body["logit_bias"] = [[int(t), float(b)] for t, b in s.logit_bias.items()]
     if s.logprobs is not None:
         body["n_probs"] = max(s.logprobs, 1)  # 0 would send no probabilities at all; the top list is cut to k
+    if job.constraint is not None and job.constraint.kind == "json":  # check() refused every other grammar
+        body["json_schema"] = job.constraint.json_schema or JSON_OBJECT
     return body
 
 
@@ -122,7 +126,8 @@ class LlamaCppEngine:
         exe = binary(options)
         self.names = spec.served_names()
         self.tokenizer = load_tokenizer(spec)
-        self.emitter = Emitter(publisher, self.cancel)
+        self.tool_format = format_for(self.tokenizer, options.tool_call_parser)
+        self.emitter = Emitter(publisher, self.cancel, self.tool_format)
         self._stopping = threading.Event()
         port = _free_port()
         self.base_url = f"http://127.0.0.1:{port}"
@@ -216,7 +221,19 @@ class LlamaCppEngine:
         return code is None or self._stopping.is_set()
 
     def check(self, job: Job) -> None:
-        """llama.cpp honours every option llmq takes (logprobs up to 20, as llmq caps them)."""
+        """llama.cpp honours every sampling option llmq takes (logprobs up to
+        20, as llmq caps them). Of the grammars it takes JSON schemas, which
+        it turns into its own grammar; regexes, EBNF, choices and tool calls
+        (xgrammar's, which llama-server does not run) are refused."""
+        grammar = spec_of(job, self.tool_format)
+        if grammar is None:
+            return
+        if grammar.kind != "json":
+            what = "tool calls" if grammar.kind == "structural_tag" else f"'{grammar.kind}' structured outputs"
+            raise Refused(f"'{grammar.param}': {what} are not supported by this model's engine (llama.cpp); "
+                          "JSON schemas are. Serve the model with --engine transformers or vllm for them.",
+                          grammar.param)
+        check_spec(grammar)
 
     def step_s(self) -> float:
         return self._clock.mean_s

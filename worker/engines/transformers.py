@@ -41,12 +41,14 @@ from worker.attention import NAME as ATTENTION, STEP_KWARG, Chunk, StepLayout
 from worker.detok import IncrementalDetokenizer
 from worker.engines import MAX_STEP_TOKENS
 from worker.engines.base import Choice, Emitter, Pump, Update
+from worker.grammar import Grammars, spec_of
 from worker.kvcache import KVCache
 from worker.loading import LoadedModel
 from worker.profile import StepProfile
 from worker.publish import Publisher
 from worker.sampler import Pick, Sampler, Slot
 from worker.stops import StopStrings
+from worker.toolcalls import format_for
 
 log = logging.getLogger("llmq.worker.engine")
 
@@ -61,6 +63,7 @@ class Run(Choice):
     detok: IncrementalDetokenizer
     stops: StopStrings = field(init=False)
     slot: Slot | None = None
+    grammar: Any = None  # the job's compiled xgrammar grammar, if its output is constrained
     # engine-thread state
     ids: list[int] = field(init=False)  # prompt, then generated tokens
     computed: int = 0  # tokens whose keys and values are in the cache
@@ -123,7 +126,7 @@ class Engine:
 
     def __init__(self, lm: LoadedModel, publisher: Publisher, *, max_batch: int, kv_cache_tokens: int,
                  max_step_tokens: int = MAX_STEP_TOKENS, prefix_caching: bool = True,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, tool_call_parser: str | None = None) -> None:
         self.lm = lm
         self.names = lm.names
         self.context_length = lm.context_length
@@ -134,10 +137,12 @@ class Engine:
         self.max_batch = max_batch
         self.max_step_tokens = max(max_step_tokens, max_batch + 1)
         self.profile = StepProfile()
-        self.sampler = Sampler(lm.vocab_size)
-        self.cache = _cache_for(lm, kv_cache_tokens, prefix_caching)
-        self.emitter = Emitter(publisher, self.cancel)
         self._eos = frozenset(lm.eos_token_ids)
+        self.grammars = Grammars(lm.tokenizer, lm.vocab_size, sorted(self._eos))
+        self.sampler = Sampler(lm.vocab_size, grammars=self.grammars)
+        self.cache = _cache_for(lm, kv_cache_tokens, prefix_caching)
+        self.tool_format = format_for(lm.tokenizer, tool_call_parser)
+        self.emitter = Emitter(publisher, self.cancel, self.tool_format)
         self._lock = threading.Lock()
         self._inbox: list[Run] = []
         self._wake = threading.Event()
@@ -173,13 +178,19 @@ class Engine:
         return self._loop_thread.is_alive() or not self._loop_thread.ident
 
     def check(self, job: Job) -> None:
-        """Every request option is honoured here."""
+        """Every request option is honoured here; a grammar must compile (in
+        this Celery thread, not the step loop; the compiler keeps it)."""
+        spec = spec_of(job, self.tool_format)
+        if spec is not None:
+            self.grammars.compile(spec)
 
     def step_s(self) -> float:
         return self.profile.mean_step_s()
 
     def submit(self, job: Job, prompt_ids: list[int], max_tokens: int, queue_s: float) -> list[Choice]:
-        runs = [Run(job=job, index=i, prompt_ids=prompt_ids, max_tokens=max_tokens, queue_s=queue_s,
+        spec = spec_of(job, self.tool_format)
+        grammar = self.grammars.compile(spec) if spec is not None else None  # compiled by check(): cached
+        runs = [Run(job=job, index=i, prompt_ids=prompt_ids, max_tokens=max_tokens, queue_s=queue_s, grammar=grammar,
                     detok=IncrementalDetokenizer(self.tokenizer, prompt_ids)) for i in range(job.n)]
         for run in runs:
             self.add(run)
@@ -230,6 +241,8 @@ class Engine:
         for run in new:
             s = run.job.sampling
             run.slot = self.sampler.open(s, None if s.seed is None else s.seed + run.index)
+            if run.grammar is not None:  # a matcher per choice; freed with the run
+                run.slot.matcher = self.grammars.matcher(run.grammar)
             self._waiting.append(run)
         for run in [r for r in self._running if r.dropped]:
             self._retire(run)
@@ -434,4 +447,5 @@ def engine_kwargs(options: Any, context_length: int) -> dict[str, Any]:
     enough for chat on CPU without taking all memory."""
     return {"max_batch": options.max_batch_size, "max_step_tokens": options.max_step_tokens,
             "prefix_caching": options.prefix_caching, "threads": options.threads,
+            "tool_call_parser": options.tool_call_parser,
             "kv_cache_tokens": options.kv_cache_tokens or options.max_batch_size * min(context_length, 2048)}

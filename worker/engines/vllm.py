@@ -17,6 +17,7 @@ own (README, "Engines"); ``import vllm`` happens only here.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import threading
@@ -27,8 +28,10 @@ from broker.schemas import FinishReason, Job, TokenLogprob
 from worker.engines import EngineOptions
 from worker.engines import vllm_plugin
 from worker.engines.base import Choice, Emitter, LoopBatcher, StepClock, Update, choices_of
+from worker.grammar import GrammarSpec, check_spec, spec_of
 from worker.loading import ModelLoadError, ModelSpec, load_tokenizer
 from worker.publish import Publisher
+from worker.toolcalls import format_for
 
 log = logging.getLogger("llmq.worker.engines.vllm")
 
@@ -68,7 +71,7 @@ def engine_args(spec: ModelSpec, options: EngineOptions) -> dict[str, Any]:
     return args
 
 
-def sampling_params(job: Job, max_tokens: int) -> Any:
+def sampling_params(job: Job, max_tokens: int, grammar: GrammarSpec | None = None) -> Any:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -78,7 +81,26 @@ def sampling_params(job: Job, max_tokens: int) -> Any:
         presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
         logit_bias=dict(s.logit_bias) if s.logit_bias else None, seed=s.seed,
         stop=job.stop or None, logprobs=s.logprobs, output_kind=RequestOutputKind.DELTA,
+        structured_outputs=structured_outputs(grammar),
     )
+
+
+def structured_outputs(grammar: GrammarSpec | None) -> Any:
+    """llmq's grammar as vLLM's structured outputs (vLLM runs xgrammar itself).
+    JSON without free whitespace, as the transformers engine generates it."""
+    if grammar is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if grammar.kind == "json":
+        return StructuredOutputsParams(json=grammar.value, disable_any_whitespace=True)
+    if grammar.kind == "regex":
+        return StructuredOutputsParams(regex=grammar.value)
+    if grammar.kind == "choice":
+        return StructuredOutputsParams(choice=json.loads(grammar.value))
+    if grammar.kind == "grammar":
+        return StructuredOutputsParams(grammar=grammar.value)
+    return StructuredOutputsParams(structural_tag=grammar.value)
 
 
 class VllmEngine:
@@ -105,7 +127,8 @@ class VllmEngine:
         os.register_at_fork(after_in_child=vllm_plugin.die_with_parent)
         self.names = spec.served_names()
         self.tokenizer = load_tokenizer(spec)
-        self.emitter = Emitter(publisher, self.cancel)
+        self.tool_format = format_for(self.tokenizer, options.tool_call_parser)
+        self.emitter = Emitter(publisher, self.cancel, self.tool_format)
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name=f"llmq-vllm-{self.names[0]}",
                                              daemon=True)
@@ -156,7 +179,11 @@ class VllmEngine:
         return self._loop_thread.is_alive() and not self.llm.errored
 
     def check(self, job: Job) -> None:
-        """vLLM honours every option llmq takes."""
+        """vLLM honours every option llmq takes; a grammar must build (vLLM
+        would fail it only once it runs, as an engine error)."""
+        grammar = spec_of(job, self.tool_format)
+        if grammar is not None:
+            check_spec(grammar)
 
     def step_s(self) -> float:
         return self._clock.mean_s
@@ -194,7 +221,7 @@ class VllmEngine:
         from vllm.inputs import TokensPrompt
 
         try:
-            params = sampling_params(job, max_tokens)
+            params = sampling_params(job, max_tokens, spec_of(job, self.tool_format))
             async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params,
                                                request_id=job.job_id):
                 self._clock.tick()
