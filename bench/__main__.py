@@ -14,10 +14,12 @@ from bench.stats import Figures
 # Asks for a long answer, so most requests run to max_tokens: the API has no
 # ignore_eos, and short answers would measure prefill more than decode.
 DEFAULT_PROMPT = "Write a long story about a lighthouse keeper."
-# The constrained run's schema: the story inside a JSON object, so that its
-# requests also run to max_tokens and the two runs differ only in the grammar.
+# The constrained run's schema: the story inside a JSON object, long enough
+# (minLength) that its requests also run to max_tokens, so the two runs
+# differ only in the grammar.
 STORY_FORMAT: dict[str, Any] = {"type": "json_schema", "json_schema": {"name": "story", "schema": {
-    "type": "object", "properties": {"title": {"type": "string", "maxLength": 60}, "story": {"type": "string"}},
+    "type": "object", "properties": {"title": {"type": "string", "maxLength": 60},
+                                     "story": {"type": "string", "minLength": 2000}},
     "required": ["title", "story"], "additionalProperties": False}}}
 
 
