@@ -18,7 +18,6 @@ limit.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,8 +27,6 @@ import xgrammar as xgr
 from broker.schemas import Job
 from worker.engines.base import Refused
 from worker.toolcalls import ToolFormat
-
-log = logging.getLogger("llmq.worker.grammar")
 
 JSON_OBJECT = {"type": "object"}
 
