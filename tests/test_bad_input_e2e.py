@@ -94,12 +94,18 @@ def test_too_many_messages_is_400(client: httpx.Client, stack: Stack) -> None:
     assert r.status_code == 404, r.text
 
 
-@pytest.mark.parametrize("role", ["tool", "function", "wizard", ""])
+@pytest.mark.parametrize("role", ["function", "wizard", ""])
 def test_unknown_role_is_400_naming_the_message(client: httpx.Client, stack: Stack, role: str) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": role, "content": "hi"}]
     error = error_of(client.post("/chat/completions", json={"model": stack.model, "messages": messages}), 400)
     assert error["param"] == "messages.1.role"
     assert "'messages.1.role'" in error["message"] and "'user'" in error["message"]
+
+
+def test_tool_message_without_its_call_id_is_400(client: httpx.Client, stack: Stack) -> None:
+    messages = [{"role": "user", "content": "hi"}, {"role": "tool", "content": "sunny"}]
+    error = error_of(client.post("/chat/completions", json={"model": stack.model, "messages": messages}), 400)
+    assert error["param"] == "messages.1.tool_call_id"
 
 
 # ------------------------------------------------------------------ types
