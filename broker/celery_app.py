@@ -25,9 +25,12 @@ def make_celery(settings: Settings, main: str = "llmq") -> Celery:
         worker_disable_prefetch=True,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        # Kombu redelivers an unacked message after this long even if its
-        # worker lives; the claim key makes a second delivery harmless.
-        broker_transport_options={"visibility_timeout": 3600},
+        # Kombu puts an unacknowledged message back after this long. Workers
+        # re-score the messages they hold on every heartbeat and put back
+        # those nobody re-scored (worker/redelivery.py), so a job its worker
+        # died with returns one beat after that worker left the registry,
+        # when a redelivered copy can see it is gone (broker/control.py).
+        broker_transport_options={"visibility_timeout": settings.heartbeat_ttl_s + settings.heartbeat_interval_s},
         broker_connection_retry_on_startup=True,
         # Flower shows each job as a task.
         worker_send_task_events=True,

@@ -5,6 +5,7 @@ The API cancels (async client); the worker checks and claims (sync client).
 
 from __future__ import annotations
 
+import enum
 import time
 
 import redis
@@ -25,9 +26,34 @@ def is_cancelled(r: redis.Redis, keys: Keys, job_id: str) -> bool:
     return bool(r.exists(keys.cancelled(job_id)))
 
 
-def claim(r: redis.Redis, keys: Keys, job_id: str, worker_id: str, ttl_s: int) -> bool:
-    """True for the first worker to claim this job; a redelivered copy gets False."""
-    return bool(r.set(keys.claim(job_id), worker_id, nx=True, ex=ttl_s))
+class Claim(enum.Enum):
+    NEW = 1  # first delivery: run it
+    TAKEN_OVER = 2  # its claimer died before starting it: run it here
+    HELD = 0  # a live worker has it, or it started (the API resubmits or fails those): skip
+
+
+# Claim a job (KEYS[1]) for ARGV[1]. A copy redelivered after its worker died
+# may take the claim over, but only if that worker never published Started
+# (KEYS[2]) and its registry entry (ARGV[3] .. holder) is gone.
+_CLAIM = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 1 end
+local holder = redis.call('GET', KEYS[1])
+if holder == false or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+if redis.call('EXISTS', ARGV[3] .. holder) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 2
+"""
+
+
+def claim(r: redis.Redis, keys: Keys, job_id: str, worker_id: str, ttl_s: int) -> Claim:
+    """Whether this worker runs this delivery of the job (atomic in Redis)."""
+    return Claim(int(r.eval(_CLAIM, 2, keys.claim(job_id), keys.started(job_id), worker_id, ttl_s,
+                            keys.worker(""))))
+
+
+def mark_started(r: redis.Redis, keys: Keys, job_id: str, ttl_s: int) -> None:
+    """From now on no redelivered copy of the job may run (its client has a Started)."""
+    r.set(keys.started(job_id), b"1", ex=ttl_s)
 
 
 # Admit a job if fewer than ARGV[1] jobs of the model wait. Entries older than

@@ -54,3 +54,6 @@ class Keys:
 
     def claim(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}:claim"
+
+    def started(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}:started"

@@ -97,6 +97,49 @@ def test_worker_killed_mid_stream_and_before_first_token(stack: Stack) -> None:
             w.kill()
 
 
+@pytest.mark.parametrize("point", ["before_claim", "after_claim"])
+def test_no_loss_window_when_a_worker_dies_before_its_first_event(stack: Stack, point: str) -> None:
+    """A worker that took a job and died before telling anyone (before it
+    claimed the job, or after, before Started) costs the job nothing: kombu
+    would keep the message for its visibility timeout (an hour by default);
+    here another worker runs it and the client has its answer within twice
+    the heartbeat TTL of the kill. The held worker is armed by the test-only
+    LLMQ_TEST_HOLD_AT (worker/runtime.py)."""
+    model = f"hold-{point.replace('_', '-')}"
+    held = start_worker({**stack.env, "LLMQ_TEST_HOLD_AT": point}, f"held-{point}", model_names=model, concurrency=2)
+    spare = start_worker(stack.env, f"spare-{point}", model_names=model, concurrency=2)
+    r = redis.Redis.from_url(stack.redis_url)
+    client = openai.OpenAI(base_url=stack.v1, api_key="unused", max_retries=0, timeout=120)
+    held_key = f"llmq:test:held:{point}"
+    try:
+        wait_for(lambda: cards(stack.base_url).get(model, {}).get("workers") == 2, 180, "both workers")
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            # Celery hands each job to whichever worker asks first: send until the held one takes one.
+            for attempt in range(30):
+                job = pool.submit(client.chat.completions.create, model=model, max_tokens=8, temperature=0,
+                                  messages=[{"role": "user", "content": f"Say {attempt}."}])
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline and not job.done() and not r.exists(held_key):
+                    time.sleep(0.05)
+                if r.exists(held_key):
+                    break
+                assert job.result(timeout=60).choices[0].finish_reason in ("stop", "length")
+            else:
+                pytest.fail("the held worker never took a job")
+            job_id = r.get(held_key).decode()  # type: ignore[union-attr]
+            held.kill()
+            killed = time.monotonic()
+            answer = job.result(timeout=120)
+            waited = time.monotonic() - killed
+        print(f"{point}: job {job_id} answered by {claimer(r, job_id)} {waited:.2f} s after the SIGKILL")
+        assert answer.choices[0].message.content and answer.id == job_id
+        assert claimer(r, job_id).startswith(spare.name + "@")
+        assert waited < 2 * HEARTBEAT_TTL_S
+    finally:
+        for w in (held, spare):
+            w.kill()
+
+
 def test_redis_restart_under_load(tmp_path: Path) -> None:
     redis_proc, port = start_redis(tmp_path)
     env = {"LLMQ_REDIS_URL": f"redis://127.0.0.1:{port}/0", "LLMQ_HEARTBEAT_INTERVAL_S": "0.5",

@@ -123,7 +123,7 @@ class LLMQStep(bootsteps.StartStopStep):
             # One clear line, and no registration: the heartbeat never starts.
             raise SystemExit(f"llmq worker: cannot start: {exc}") from None
         self.runtime = Runtime(settings, engines, embedders, publisher, options,
-                               worker_id=f"{worker.hostname}-{os.getpid()}")
+                               worker_id=f"{worker.hostname}-{os.getpid()}", redelivery=app.llmq_redelivery)
         for queue in self.runtime.queues():
             app.amqp.queues.select_add(queue)
         app.llmq_runtime = self.runtime

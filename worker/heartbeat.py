@@ -1,5 +1,6 @@
 """The worker's heartbeat: the registry entry the API reads. A plain thread
-that announces every ``interval`` and withdraws on a clean stop."""
+that announces every ``interval`` and withdraws on a clean stop; ``tick``
+runs after each beat (the held messages' own heartbeat, worker/redelivery.py)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ log = logging.getLogger("llmq.worker.heartbeat")
 
 
 class Heart:
-    def __init__(self, r: redis.Redis, keys: Keys, beat: Callable[[], Heartbeat], interval_s: float, ttl_ms: int) -> None:
+    def __init__(self, r: redis.Redis, keys: Keys, beat: Callable[[], Heartbeat], interval_s: float, ttl_ms: int,
+                 tick: Callable[[], None] | None = None) -> None:
         self._redis = r
         self._keys = keys
         self._beat = beat
         self._interval = interval_s
         self._ttl_ms = ttl_ms
+        self._tick = tick
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llmq-heart", daemon=True)
         self._worker_id = ""
@@ -47,5 +50,7 @@ class Heart:
         while not self._stop.wait(self._interval):
             try:
                 announce(self._redis, self._keys, self._beat(), self._ttl_ms)
-            except redis.RedisError as exc:
+                if self._tick is not None:
+                    self._tick()
+            except Exception as exc:  # redis-py's and kombu's connection errors alike; the next beat retries
                 log.warning("heartbeat failed (%s); retrying in %.1f s", exc, self._interval)

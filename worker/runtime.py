@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import redis
 
 from broker import __version__
-from broker.control import claim, is_cancelled
+from broker.control import Claim, claim, is_cancelled, mark_started
 from broker.keys import Keys, queue_name
 from broker.schemas import Delta, Embeddings, Error, Heartbeat, Job, ModelInfo, Started
 from broker.settings import Settings
@@ -25,6 +25,7 @@ from worker.engines.base import Engine, Refused
 from worker.heartbeat import Heart
 from worker.prompts import PromptError, prompt_ids
 from worker.publish import Publisher
+from worker.redelivery import Redelivery
 
 log = logging.getLogger("llmq.worker")
 
@@ -34,7 +35,8 @@ FULL_GRACE_S = 0.1
 
 class Runtime:
     def __init__(self, settings: Settings, engines: Sequence[Engine], embedders: Sequence[EmbeddingModel],
-                 publisher: Publisher, options: EngineOptions, worker_id: str) -> None:
+                 publisher: Publisher, options: EngineOptions, worker_id: str,
+                 redelivery: Redelivery | None = None) -> None:
         self.settings = settings
         self.worker_id = worker_id
         self.keys = Keys(settings.key_prefix)
@@ -45,8 +47,9 @@ class Runtime:
         self.engines: dict[str, Engine] = {name: e for e in engines for name in e.names}  # aliases share one
         self.embedders: dict[str, EmbeddingModel] = {name: m for m in embedders for name in m.names}
         self.started_at = time.time()
+        self.redelivery = redelivery
         self.heart = Heart(self.redis, self.keys, self.heartbeat, settings.heartbeat_interval_s,
-                           settings.heartbeat_ttl_ms())
+                           settings.heartbeat_ttl_ms(), tick=redelivery.tick if redelivery else None)
         self._cancel_thread = threading.Thread(target=self._listen_cancels, name="llmq-cancels", daemon=True)
         self._stopping = threading.Event()
         self._active = 0  # jobs in run(), one per busy Celery thread
@@ -148,9 +151,14 @@ class Runtime:
         if is_cancelled(self.redis, self.keys, jid):
             log.info("job %s: cancelled while queued, skipped", jid)
             return {"job_id": jid, "status": "cancelled_in_queue"}
-        if not claim(self.redis, self.keys, jid, self.worker_id, self.settings.claim_ttl_s):
-            log.warning("job %s: delivered again but already claimed, skipped", jid)
+        _hold_for_test("before_claim", self.redis, self.keys, jid)
+        got = claim(self.redis, self.keys, jid, self.worker_id, self.settings.claim_ttl_s)
+        if got is Claim.HELD:
+            log.warning("job %s: delivered again but claimed by a live worker or already started, skipped", jid)
             return {"job_id": jid, "status": "duplicate"}
+        if got is Claim.TAKEN_OVER:
+            log.warning("job %s: its worker died before starting it; running it here", jid)
+        _hold_for_test("after_claim", self.redis, self.keys, jid)
         if job.kind == "embedding":
             return self._embed(job)
         engine = self.engines.get(job.model)
@@ -193,7 +201,9 @@ class Runtime:
             echo = engine.tokenizer.decode(ids, skip_special_tokens=False)
             events += [(job.reply_channel, Delta(job_id=jid, seq=engine.emitter.next_seq(jid), index=i, text=echo,
                                                  completion_tokens=0)) for i in range(job.n)]
-        # Published (and so ordered) before the engine can emit any delta.
+        # Published (and so ordered) before the engine can emit any delta. Marked
+        # started first: from here a redelivered copy must never run again.
+        mark_started(self.redis, self.keys, jid, self.settings.claim_ttl_s)
         if self.publisher.publish(events)[0] == 0:
             log.warning("job %s: no API listens on %s, dropped", jid, job.reply_channel)
             return {"job_id": jid, "status": "no_listener"}
@@ -246,3 +256,17 @@ class Runtime:
             except redis.RedisError as exc:
                 log.warning("cancel listener lost Redis (%s); reconnecting", exc)
                 time.sleep(1.0)
+
+
+# The reliability tests hold one worker at a point of a job's life and SIGKILL
+# it there. Only this environment variable arms it: no llmq setting, CLI
+# option, Makefile or compose file sets it, and an armed worker says so.
+TEST_HOLD_ENV = "LLMQ_TEST_HOLD_AT"
+
+
+def _hold_for_test(point: str, r: redis.Redis, keys: Keys, job_id: str) -> None:
+    if os.environ.get(TEST_HOLD_ENV) != point:
+        return
+    log.warning("job %s: %s=%s: holding here until killed (a test hook)", job_id, TEST_HOLD_ENV, point)
+    r.set(f"{keys.prefix}test:held:{point}", job_id, ex=600)
+    threading.Event().wait()

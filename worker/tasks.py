@@ -6,13 +6,38 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery, Task
+from celery.worker.request import Request
 
 from broker.celery_app import GENERATE_TASK
 from broker.schemas import Job
+from worker.redelivery import Redelivery
+
+
+class HeldRequest(Request):  # type: ignore[misc]
+    """Celery's request for one message, which also tells the worker's
+    ``Redelivery`` that the message is held until it is acknowledged."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        redelivery(self.app).hold(self.message.delivery_tag)
+
+    def acknowledge(self) -> None:
+        redelivery(self.app).release(self.message.delivery_tag)
+        super().acknowledge()
+
+    def reject(self, requeue: bool = False) -> None:
+        redelivery(self.app).release(self.message.delivery_tag)
+        super().reject(requeue)
+
+
+def redelivery(app: Celery) -> Redelivery:
+    return app.llmq_redelivery  # type: ignore[attr-defined, no-any-return]
 
 
 def register(app: Celery) -> None:
-    @app.task(name=GENERATE_TASK, bind=True)
+    app.llmq_redelivery = Redelivery(app)  # type: ignore[attr-defined]
+
+    @app.task(name=GENERATE_TASK, bind=True, Request=HeldRequest)
     def generate(self: Task, job: dict[str, Any]) -> dict[str, object]:
         runtime = self.app.llmq_runtime  # set by LLMQStep before any job is consumed
         return runtime.run(Job.model_validate(job))  # type: ignore[no-any-return]
