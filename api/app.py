@@ -15,7 +15,9 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from api import errors, health, limits, web
+from api.auth import RateLimitHeaders
 from api.jobs import Jobs
+from api.keys import RateLimiter, load_keys
 from api.metrics import Metrics
 from api.replies import ReplyRouter
 from api.routes import JOB_ID_HEADER, router
@@ -50,7 +52,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         celery = make_celery(settings, main="llmq-api")
         app.state.redis = r
         app.state.registry = registry
-        app.state.jobs = Jobs(settings, r, keys, registry, replies, celery, app.state.metrics)
+        app.state.rate_limiter = RateLimiter(r, keys)
+        app.state.jobs = Jobs(settings, r, keys, registry, replies, celery, app.state.metrics, app.state.rate_limiter)
         log.info("API instance %s up, redis %s, reply channel %s", instance, settings.redis_url, replies.channel)
         try:
             yield
@@ -60,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="llmq", version=__version__, lifespan=lifespan)
     app.state.settings = settings
+    app.state.api_keys = load_keys(settings)  # a bad keys file stops the API here
     app.state.metrics = Metrics()
     errors.install(app)
     limits.install(app, settings)
@@ -71,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=settings.cors_allow_headers,
             expose_headers=[JOB_ID_HEADER],
         )
+    app.add_middleware(RateLimitHeaders)
     app.include_router(router)
     app.include_router(health.router)
     web.install(app)

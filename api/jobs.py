@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import APIError, model_not_found, no_live_worker, queue_full
+from api.keys import NamedKey, RateLimiter
 from api.metrics import JobFigures, Metrics
 from api.protocol import ToolChoice
 from api.replies import AnyEvent, ReplyRouter, next_event
@@ -64,6 +65,7 @@ class RunningJob:
     _error_code: str | None = None
     attempt: int = 0
     public_id: str = ""
+    api_key: NamedKey | None = None  # counted against its limits when the job ends
 
     def __post_init__(self) -> None:
         self._open_choices = set(range(self.job.n))
@@ -177,12 +179,16 @@ class RunningJob:
             finish_reason=None if cancelled or self.failed else self._reasons[0] if self._reasons else None,
         )
         self._jobs.metrics.observe_job(figures)
+        key_name = self.api_key.name if self.api_key is not None else "-"
+        if self.api_key is not None:
+            await self._jobs.count_tokens(self.api_key, figures.prompt_tokens + figures.completion_tokens)
         ttft = "-" if figures.first_token_s is None else f"{figures.first_token_s:.3f}"
         log.info(
-            "job %s model=%s worker=%s status=%s prompt_tokens=%d completion_tokens=%d queue_s=%.3f ttft_s=%s "
-            "total_s=%.3f", self.job_id, self.job.model, self.started.worker, status, figures.prompt_tokens,
-            figures.completion_tokens, figures.queue_s, ttft, figures.total_s,
+            "job %s model=%s worker=%s key=%s status=%s prompt_tokens=%d completion_tokens=%d queue_s=%.3f "
+            "ttft_s=%s total_s=%.3f", self.job_id, self.job.model, self.started.worker, key_name, status,
+            figures.prompt_tokens, figures.completion_tokens, figures.queue_s, ttft, figures.total_s,
             extra={"job_id": self.job_id, "model": self.job.model, "worker": self.started.worker, "status": status,
+                   "key_name": key_name,
                    "prompt_tokens": figures.prompt_tokens, "completion_tokens": figures.completion_tokens,
                    "queue_s": round(figures.queue_s, 4), "ttft_s": figures.first_token_s,
                    "total_s": round(figures.total_s, 4)},
@@ -194,10 +200,11 @@ class Jobs:
 
     def __init__(
         self, settings: Settings, r: aioredis.Redis, keys: Keys, registry: Registry, router: ReplyRouter, celery: Celery,
-        metrics: Metrics,
+        metrics: Metrics, limiter: RateLimiter,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.limiter = limiter
         self._redis = r
         self._keys = keys
         self._registry = registry
@@ -220,6 +227,7 @@ class Jobs:
         tool_choice: ToolChoice = "none",
         tool_name: str | None = None,
         parallel_tool_calls: bool = True,
+        api_key: NamedKey | None = None,
         id_prefix: str,
         client_gone: Callable[[], Awaitable[bool]] | None = None,
     ) -> RunningJob:
@@ -258,7 +266,7 @@ class Jobs:
         finally:
             await leave_waiting(self._redis, self._keys, model, job_id)
         if isinstance(first, Started):
-            return RunningJob(job=job, started=first, _queue=q, _jobs=self, accepted_at=accepted_at)
+            return RunningJob(job=job, started=first, _queue=q, _jobs=self, accepted_at=accepted_at, api_key=api_key)
         await self.release(job.job_id, cancel=False)
         if isinstance(first, Error):
             raise error_from_event(first)
@@ -292,13 +300,21 @@ class Jobs:
             raise error_from_event(ev)
         raise APIError(500, f"The worker's first event was {ev.type}, not started.", type="server_error")
 
+    async def count_tokens(self, key: NamedKey, tokens: int) -> None:
+        self.metrics.key_tokens.labels(key.name).inc(tokens)
+        try:
+            await self.limiter.count_tokens(key, tokens)
+        except RedisError as exc:  # the answer is out; a lost count is logged, not raised
+            log.warning("could not count %d tokens for API key %s: %s", tokens, key.name, exc)
+
     async def worker_alive(self, worker_id: str) -> bool:
         try:
             return any(w.worker_id == worker_id for w in await self._registry.workers())
         except RedisError:
             return True  # unknown; a lost Redis fails the job through the reply router
 
-    async def embed(self, *, model: str, inputs: list[str] | list[list[int]]) -> Embeddings:
+    async def embed(self, *, model: str, inputs: list[str] | list[list[int]], api_key: NamedKey | None = None
+                    ) -> Embeddings:
         queue = await self._admit(model, "embedding")
         job_id = f"embd-{uuid.uuid4().hex}"
         await self._enter_queue(model, job_id)
@@ -315,6 +331,8 @@ class Jobs:
             self._router.close(job.job_id)
             await leave_waiting(self._redis, self._keys, model, job_id)
         if isinstance(ev, Embeddings):
+            if api_key is not None:
+                await self.count_tokens(api_key, ev.prompt_tokens)
             return ev
         if isinstance(ev, Error):
             raise error_from_event(ev)

@@ -54,6 +54,11 @@ class Metrics:
         self.running = Gauge("llmq:num_requests_running", "Jobs running on workers.", ["model"], registry=r)
         self.waiting = Gauge("llmq:num_requests_waiting", "Jobs waiting in the model's queue.", ["model"], registry=r)
         self.workers = Gauge("llmq:num_workers", "Live workers serving the model.", ["model"], registry=r)
+        # By the key's name (api/keys.py), never the key itself.
+        self.key_requests = Counter("llmq:api_key_requests", "Requests by API key name: admitted or rate_limited.",
+                                    ["key_name", "outcome"], registry=r)
+        self.key_tokens = Counter("llmq:api_key_tokens", "Prompt and completion tokens by API key name.",
+                                  ["key_name"], registry=r)
         self.worker_batch = Gauge("llmq:worker_batch_size", "Jobs in the worker's batch.", ["worker"], registry=r)
         self.worker_tps = Gauge("llmq:worker_generation_tokens_per_second", "Worker output tokens/s (10 s window).",
                                 ["worker"], registry=r)
@@ -73,6 +78,9 @@ class Metrics:
         if f.finish_reason is not None:
             self.e2e.labels(f.model).observe(f.total_s)
             self.success.labels(f.model, f.finish_reason).inc()
+
+    def observe_key(self, name: str, outcome: str) -> None:
+        self.key_requests.labels(name, outcome).inc()
 
     def observe_error(self, status: int, code: str | None) -> None:
         self.errors.labels(str(status), code or "none").inc()

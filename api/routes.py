@@ -15,6 +15,7 @@ from sse_starlette import EventSourceResponse
 from api.auth import require_api_key
 from api.deps import JobsDep, RegistryDep
 from api.jobs import RunningJob
+from api.keys import NamedKey
 from api.protocol import (
     ERROR_RESPONSES,
     ChatCompletion,
@@ -33,6 +34,11 @@ from api.serving import ChatShape, CompletionShape, Shape, collect, stream
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 
 JOB_ID_HEADER = "x-request-id"
+
+
+def _key(request: Request) -> NamedKey | None:
+    """The caller's key, as require_api_key matched it (None: the API is open)."""
+    return getattr(request.state, "api_key", None)
 
 
 @router.get("/models")
@@ -73,6 +79,7 @@ async def chat_completions(body: ChatCompletionRequest, jobs: JobsDep, request: 
         stop=body.stop_list(),
         constraint=body.constraint(),
         **body.tool_fields(),
+        api_key=_key(request),
         id_prefix="chatcmpl",
         client_gone=request.is_disconnected,
     )
@@ -90,6 +97,7 @@ async def completions(body: CompletionRequest, jobs: JobsDep, request: Request) 
         stop=body.stop_list(),
         echo=body.echo,
         constraint=body.constraint(),
+        api_key=_key(request),
         id_prefix="cmpl",
         client_gone=request.is_disconnected,
     )
@@ -97,8 +105,8 @@ async def completions(body: CompletionRequest, jobs: JobsDep, request: Request) 
 
 
 @router.post("/embeddings")
-async def embeddings(body: EmbeddingRequest, jobs: JobsDep) -> EmbeddingList:
-    result = await jobs.embed(model=body.model, inputs=body.inputs())
+async def embeddings(body: EmbeddingRequest, jobs: JobsDep, request: Request) -> EmbeddingList:
+    result = await jobs.embed(model=body.model, inputs=body.inputs(), api_key=_key(request))
     if body.encoding_format == "base64":
         vectors: list[list[float] | str] = list(result.vectors)  # already little-endian float32, as OpenAI sends
     else:
@@ -111,10 +119,10 @@ async def embeddings(body: EmbeddingRequest, jobs: JobsDep) -> EmbeddingList:
 
 
 @router.post("/engines/{model}/embeddings", include_in_schema=False)
-async def engine_embeddings(model: str, body: dict[str, Any], jobs: JobsDep) -> EmbeddingList:
+async def engine_embeddings(model: str, body: dict[str, Any], jobs: JobsDep, request: Request) -> EmbeddingList:
     """FastChat's older path: the model comes from the URL."""
     try:
-        request = EmbeddingRequest.model_validate({**body, "model": model})
+        parsed = EmbeddingRequest.model_validate({**body, "model": model})
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from exc
-    return await embeddings(request, jobs)
+    return await embeddings(parsed, jobs, request)

@@ -7,6 +7,7 @@ object at import time: entry points build one and pass it down.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
@@ -39,6 +40,8 @@ class Settings(BaseSettings):
     # API keys: Bearer tokens accepted on every /v1 route; none means open.
     # LLMQ_API_KEYS takes a comma-separated list.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
+    # Named keys with limits per minute (a TOML file; api/keys.py shows its form).
+    api_keys_file: Path | None = None
     # CORS for browser front ends on other origins: closed unless listed; "*" allowed.
     cors_allow_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     cors_allow_methods: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["GET", "POST", "OPTIONS"])

@@ -3,6 +3,8 @@ options, Redis names. No services."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -225,3 +227,22 @@ def test_attention_limits_cap_sliding_windows_and_refuse_softcapping() -> None:
     assert _attention_limits(spec, model(sliding_window=65536), 32768) == 32768
     with pytest.raises(ModelLoadError, match="soft-capping"):
         _attention_limits(spec, model(attn_logit_softcapping=50.0), 8192)
+
+
+def test_keys_file_names_what_is_wrong_without_echoing_a_key(tmp_path: Path) -> None:
+    from api.keys import KeysFileError, load_keys
+    from broker.settings import Settings
+
+    path = tmp_path / "keys.toml"
+    path.write_text('[keys.team-a]\nkey = "sk-secret-1"\nrequests_per_minute = 0\n')
+    with pytest.raises(KeysFileError) as err:
+        load_keys(Settings(api_keys_file=path))
+    assert "requests_per_minute" in str(err.value) and "sk-secret-1" not in str(err.value)
+    path.write_text('[keys.key-1]\nkey = "sk-secret-2"\n')
+    with pytest.raises(KeysFileError) as err:
+        load_keys(Settings(api_keys=["sk-plain"], api_keys_file=path))
+    assert "'key-1'" in str(err.value) and "given twice" in str(err.value)
+    path.write_text('[keys.team-b]\nkey = "sk-secret-3"\ntokens_per_minute = 500\n')
+    keys = load_keys(Settings(api_keys=["sk-plain"], api_keys_file=path))
+    assert [(k.name, k.tokens_per_minute, k.limited) for k in keys] == [("key-1", None, False), ("team-b", 500, True)]
+    assert "sk-secret-3" not in repr(keys)
