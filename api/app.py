@@ -9,7 +9,6 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from fastapi.middleware.cors import CORSMiddleware
@@ -23,6 +22,7 @@ from api.replies import ReplyRouter
 from api.routes import JOB_ID_HEADER, router
 from broker import __version__
 from broker.celery_app import make_celery
+from broker.connections import async_redis
 from broker.keys import Keys
 from broker.registry import Registry
 from broker.settings import Settings
@@ -40,12 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         keys = Keys(settings.key_prefix)
-        # A blocking pool: under a flood, requests wait for a connection
-        # instead of failing with "Too many connections".
-        pool = aioredis.BlockingConnectionPool.from_url(
-            settings.redis_url, max_connections=REDIS_MAX_CONNECTIONS, timeout=REDIS_POOL_TIMEOUT_S
-        )
-        r = aioredis.Redis(connection_pool=pool)
+        r = async_redis(settings, REDIS_MAX_CONNECTIONS, REDIS_POOL_TIMEOUT_S)
         replies = ReplyRouter(r, keys.reply_channel(instance))
         await replies.start()
         registry = Registry(r, keys, settings.registry_cache_s)

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from celery import Celery
 
+from broker.connections import celery_broker
 from broker.settings import Settings
 
 GENERATE_TASK = "llmq.generate"
 
 
 def make_celery(settings: Settings, main: str = "llmq") -> Celery:
-    app = Celery(main, broker=settings.redis_url)
+    broker_url, transport = celery_broker(settings)
+    app = Celery(main, broker=broker_url)
     app.conf.update(
         # Jobs are JSON: readable in Flower and safe to decode.
         task_serializer="json",
@@ -30,7 +32,8 @@ def make_celery(settings: Settings, main: str = "llmq") -> Celery:
         # those nobody re-scored (worker/redelivery.py), so a job its worker
         # died with returns one beat after that worker left the registry,
         # when a redelivered copy can see it is gone (broker/control.py).
-        broker_transport_options={"visibility_timeout": settings.heartbeat_ttl_s + settings.heartbeat_interval_s},
+        broker_transport_options={
+            "visibility_timeout": settings.heartbeat_ttl_s + settings.heartbeat_interval_s, **transport},
         broker_connection_retry_on_startup=True,
         # Flower shows each job as a task.
         worker_send_task_events=True,

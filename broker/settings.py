@@ -20,6 +20,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LLMQ_", extra="ignore")
 
     redis_url: str = DEFAULT_REDIS_URL
+    # Redis behind Sentinel (broker/connections.py): "host:port,host:port" and
+    # the monitored primary's name; the URL then gives only the db and password.
+    redis_sentinels: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    redis_sentinel_master: str = "mymaster"
     key_prefix: str = Field(default="llmq:", description="prefix of every Redis key llmq owns")
 
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
@@ -53,7 +57,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     max_messages: int = Field(default=1024, ge=1)
 
-    @field_validator("api_keys", "cors_allow_origins", "cors_allow_methods", "cors_allow_headers", mode="before")
+    @field_validator("api_keys", "cors_allow_origins", "cors_allow_methods", "cors_allow_headers", "redis_sentinels",
+                     mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):

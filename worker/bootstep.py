@@ -15,8 +15,8 @@ from typing import Any
 import click
 from celery import Celery, bootsteps
 
-import redis
 
+from broker.connections import sync_redis
 from broker.settings import Settings
 from worker.embeddings import is_embedding_model, load_embedding
 from worker.engines import ENGINES, MAX_STEP_TOKENS, TOOL_FORMATS, EngineOptions, build
@@ -113,7 +113,7 @@ class LLMQStep(bootsteps.StartStopStep):
             llama_server=opts.get("llama_server"), n_gpu_layers=opts.get("n_gpu_layers"),
             tool_call_parser=opts.get("tool_call_parser"),
         )
-        publisher = Publisher(redis.Redis.from_url(settings.redis_url, health_check_interval=30))
+        publisher = Publisher(sync_redis(settings))
         try:
             specs = specs_from_options(opts)
             embed = [s for s in specs if is_embedding_model(s.path)]

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import redis
 
 from broker import __version__
+from broker.connections import sync_redis
 from broker.control import Claim, claim, is_cancelled, mark_started
 from broker.keys import Keys, queue_name
 from broker.schemas import Delta, Embeddings, Error, Heartbeat, Job, ModelInfo, Started
@@ -40,7 +41,7 @@ class Runtime:
         self.settings = settings
         self.worker_id = worker_id
         self.keys = Keys(settings.key_prefix)
-        self.redis = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+        self.redis = sync_redis(settings)
         self.publisher = publisher
         self.options = options
         self._engines = list(engines)  # one per loaded model

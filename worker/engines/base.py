@@ -241,15 +241,19 @@ class Emitter:
                 finished.append(c)
         with self._lock:
             self._recent.append((now, new_tokens))
-        if batch:
-            listeners = self._publisher.publish([(c.job.reply_channel, ev) for c, ev in batch])
-            gone = {c.job.job_id for (c, _), n in zip(batch, listeners) if n == 0 and c not in finished}
-            for job_id in gone:
-                # No API process listens on the reply channel: nobody will read this job.
-                log.warning("job %s: its reply channel has no subscriber, cancelling", job_id)
-                self._cancel(job_id)
-        for c in finished:
-            self.end(c, c.finish_reason or "stop")
+        try:
+            if batch:
+                listeners = self._publisher.publish([(c.job.reply_channel, ev) for c, ev in batch])
+                gone = {c.job.job_id for (c, _), n in zip(batch, listeners) if n == 0 and c not in finished}
+                for job_id in gone:
+                    # No API process listens on the reply channel: nobody will read this job.
+                    log.warning("job %s: its reply channel has no subscriber, cancelling", job_id)
+                    self._cancel(job_id)
+        finally:
+            # Even when Redis is gone (its API process has failed these jobs
+            # already): a choice that never ends holds its Celery thread forever.
+            for c in finished:
+                self.end(c, c.finish_reason or "stop")
 
     @staticmethod
     def _split_calls(c: Choice, u: Update) -> tuple[str, list[ToolCallDelta], FinishReason | None]:
