@@ -1,4 +1,4 @@
-"""``python -m bench {http,baseline,compare,constrained,profile,turns}``: see ``--help`` of each."""
+"""``python -m bench {http,baseline,compare,constrained,profile,turns,soak}``: see ``--help`` of each."""
 
 from __future__ import annotations
 
@@ -83,7 +83,19 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--max-tokens", type=int, default=32, help="max new tokens per turn")
     t.add_argument("--api-key", default=None, help="sent as a Bearer token")
     t.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures here")
+    so = sub.add_parser("soak", help="minutes of mixed load on a stack it starts, a worker restarted halfway")
+    so.add_argument("--minutes", type=float, default=20.0)
+    so.add_argument("--clients", type=int, default=8)
+    so.add_argument("--sample-s", type=float, default=10.0, help="seconds between memory and key-count samples")
+    so.add_argument("--key-ttl-s", type=int, default=60, help="how long per-job keys live (warm-up: twice this)")
     return ap
+
+
+def _soak(a: argparse.Namespace) -> int:
+    from bench.soak import SoakConfig, run
+
+    _, ok = run(SoakConfig(minutes=a.minutes, clients=a.clients, sample_s=a.sample_s, key_ttl_s=a.key_ttl_s))
+    return 0 if ok else 1
 
 
 def _turns(a: argparse.Namespace) -> int:
@@ -142,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         return _profile(a)
     if a.cmd == "turns":
         return _turns(a)
+    if a.cmd == "soak":
+        return _soak(a)
     # On a shared host other load skews every figure; record it so a reader can tell.
     load_start = os.getloadavg()
     runs: list[Figures] = []

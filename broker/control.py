@@ -51,6 +51,14 @@ def claim(r: redis.Redis, keys: Keys, job_id: str, worker_id: str, ttl_s: int) -
                             keys.worker(""))))
 
 
+def linger(r: redis.Redis, keys: Keys, job_id: str, ttl_s: int) -> None:
+    """The job ran to its end here: its claim and started mark expire soon."""
+    with r.pipeline(transaction=False) as pipe:
+        pipe.expire(keys.claim(job_id), ttl_s)
+        pipe.expire(keys.started(job_id), ttl_s)
+        pipe.execute()
+
+
 def mark_started(r: redis.Redis, keys: Keys, job_id: str, ttl_s: int) -> None:
     """From now on no redelivered copy of the job may run (its client has a Started)."""
     r.set(keys.started(job_id), b"1", ex=ttl_s)

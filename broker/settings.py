@@ -32,8 +32,13 @@ class Settings(BaseSettings):
 
     max_queue_depth: int = Field(default=256, ge=1, description="jobs waiting per model before 429")
     retry_after_s: int = Field(default=2, ge=1)
-    cancel_ttl_s: int = Field(default=3600, ge=1)
+    # Per-job keys in Redis, each with a TTL so that their count stays flat
+    # under any load: a cancel mark outlives the longest a job may wait in its
+    # queue (first_event_timeout_s); a claim lasts while its job runs, then
+    # lingers a little for a late redelivered copy to find.
+    cancel_ttl_s: int = Field(default=900, ge=1)
     claim_ttl_s: int = Field(default=3600, ge=1)
+    job_key_linger_s: int = Field(default=60, ge=1)
     # How long the API waits for the first event of a job (queue time included)
     # and then for each next one, before it gives up with a 504 / error event.
     # On a warm shutdown a worker finishes running jobs for at most this long.

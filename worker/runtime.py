@@ -16,7 +16,7 @@ import redis
 
 from broker import __version__
 from broker.connections import sync_redis
-from broker.control import Claim, claim, is_cancelled, mark_started
+from broker.control import Claim, claim, is_cancelled, linger, mark_started
 from broker.keys import Keys, queue_name
 from broker.schemas import Delta, Embeddings, Error, Heartbeat, Job, ModelInfo, Started
 from broker.settings import Settings
@@ -160,6 +160,16 @@ class Runtime:
         if got is Claim.TAKEN_OVER:
             log.warning("job %s: its worker died before starting it; running it here", jid)
         _hold_for_test("after_claim", self.redis, self.keys, jid)
+        try:
+            return self._run_claimed(job)
+        finally:
+            try:
+                linger(self.redis, self.keys, jid, self.settings.job_key_linger_s)
+            except redis.RedisError as exc:  # they keep their long TTL: no leak, only a slower cleanup
+                log.warning("job %s: could not shorten its claim's TTL: %s", jid, exc)
+
+    def _run_claimed(self, job: Job) -> dict[str, object]:
+        jid = job.job_id
         if job.kind == "embedding":
             return self._embed(job)
         engine = self.engines.get(job.model)
