@@ -66,7 +66,7 @@ def test_worker_killed_mid_stream_and_before_first_token(stack: Stack) -> None:
                 seen.append(chunk)
         waited = time.monotonic() - killed
         print(f"streaming job: {len(seen)} chunks, then '{err.value.message}' {waited:.2f} s after SIGKILL")
-        assert "stopped before it finished" in err.value.message and waited < HEARTBEAT_TTL_S + 3
+        assert "stopped before it finished" in err.value.message and waited < 2 * HEARTBEAT_TTL_S
         wait_for(lambda: cards(stack.base_url)[CRASH]["workers"] == 2, HEARTBEAT_TTL_S + 2, "dead worker drops out")
 
         # 2. A job started on a worker that dies before its first token is resubmitted
