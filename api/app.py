@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from fastapi.middleware.cors import CORSMiddleware
 
-from api import errors, health, limits, web
+from api import errors, files, health, limits, web
 from api.auth import RateLimitHeaders
 from api.jobs import Jobs
 from api.keys import RateLimiter, load_keys
@@ -48,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.redis = r
         app.state.registry = registry
         app.state.rate_limiter = RateLimiter(r, keys)
+        app.state.files = files.FileStore(r, keys, settings)
         app.state.jobs = Jobs(settings, r, keys, registry, replies, celery, app.state.metrics, app.state.rate_limiter)
         log.info("API instance %s up, redis %s, reply channel %s", instance, settings.redis_url, replies.channel)
         try:
@@ -72,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app.add_middleware(RateLimitHeaders)
     app.include_router(router)
+    app.include_router(files.router)
     app.include_router(health.router)
     web.install(app)
     return app

@@ -30,18 +30,25 @@ def too_large(limit: int, size: int, declared: bool) -> APIError:
                     code="request_too_large")
 
 
+# A multipart upload's own framing (boundaries, part headers) on top of the file.
+MULTIPART_OVERHEAD = 64 * 1024
+
+
 class BodyLimit:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, max_upload_bytes: int) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.max_upload_bytes = max_upload_bytes  # POST /v1/files (api/files.py checks the file itself)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        upload = scope.get("method") == "POST" and scope.get("path", "").rstrip("/") == "/v1/files"
+        limit = self.max_upload_bytes + MULTIPART_OVERHEAD if upload else self.max_body_bytes
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_body_bytes:
-            await self._refuse(scope, receive, send, too_large(self.max_body_bytes, declared, declared=True))
+        if declared is not None and declared > limit:
+            await self._refuse(scope, receive, send, too_large(limit, declared, declared=True))
             return
         chunks: list[bytes] = []
         size = 0
@@ -52,8 +59,8 @@ class BodyLimit:
                 break
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body_bytes:
-                await self._refuse(scope, receive, send, too_large(self.max_body_bytes, size, declared=False))
+            if size > limit:
+                await self._refuse(scope, receive, send, too_large(limit, size, declared=False))
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -91,4 +98,4 @@ def _content_length(scope: Scope) -> int | None:
 
 
 def install(app: FastAPI, settings: Settings) -> None:
-    app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes, max_upload_bytes=settings.files_max_bytes)

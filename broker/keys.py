@@ -55,5 +55,13 @@ class Keys:
     def claim(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}:claim"
 
+    def file(self, file_id: str) -> str:
+        """A hash: the file's metadata (JSON) and its content."""
+        return f"{self.prefix}file:{file_id}"
+
+    def files(self) -> str:
+        """Every file's id, scored by its creation time (entries of expired files are pruned on listing)."""
+        return f"{self.prefix}files"
+
     def started(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}:started"

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     # Request limits: bigger bodies get 413, longer conversations 400.
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     max_messages: int = Field(default=1024, ge=1)
+    # Files (/v1/files, api/files.py): kept in Redis, so every API process serves them.
+    files_max_bytes: int = Field(default=100 * 1024 * 1024, ge=1, description="per file; over it a 413")
+    files_ttl_s: int = Field(default=30 * 24 * 3600, ge=60, description="how long an uploaded file is kept")
 
     @field_validator("api_keys", "cors_allow_origins", "cors_allow_methods", "cors_allow_headers", "redis_sentinels",
                      mode="before")
