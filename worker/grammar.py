@@ -62,22 +62,27 @@ def choice_ebnf(choices: list[str]) -> str:
     return "root ::= " + " | ".join(json.dumps(c) for c in choices)
 
 
-def check_spec(spec: GrammarSpec) -> None:
-    """Raise ``Refused`` if xgrammar cannot build the grammar (for engines
-    that compile it themselves: vLLM)."""
+def build(spec: GrammarSpec) -> xgr.Grammar:
+    """The spec as an xgrammar grammar (no tokenizer needed); raises
+    ``Refused`` (a 400 naming the request field) if xgrammar cannot build it."""
     try:
         if spec.kind == "json":
-            xgr.Grammar.from_json_schema(spec.value, any_whitespace=False)
-        elif spec.kind == "regex":
-            xgr.Grammar.from_regex(spec.value)
-        elif spec.kind == "choice":
-            xgr.Grammar.from_ebnf(choice_ebnf(json.loads(spec.value)))
-        elif spec.kind == "grammar":
-            xgr.Grammar.from_ebnf(spec.value)
-        else:
-            xgr.Grammar.from_structural_tag(spec.value)
+            return xgr.Grammar.from_json_schema(spec.value, any_whitespace=False)
+        if spec.kind == "regex":
+            return xgr.Grammar.from_regex(spec.value)
+        if spec.kind == "choice":
+            return xgr.Grammar.from_ebnf(choice_ebnf(json.loads(spec.value)))
+        if spec.kind == "grammar":
+            return xgr.Grammar.from_ebnf(spec.value)
+        return xgr.Grammar.from_structural_tag(spec.value)
     except Exception as exc:  # xgrammar raises RuntimeError, ValueError and its own errors alike
         raise _refusal(spec, exc) from exc
+
+
+def check_spec(spec: GrammarSpec) -> None:
+    """For engines that compile the grammar themselves (vLLM, llama.cpp):
+    refuse what xgrammar cannot build before it reaches them."""
+    build(spec)
 
 
 def _refusal(spec: GrammarSpec, exc: Exception) -> Refused:
@@ -99,17 +104,11 @@ class Grammars:
         self._bitmask = xgr.allocate_token_bitmask(16, vocab_size)
 
     def compile(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
-        """Raises ``Refused`` (a 400 naming the request field)."""
+        """Raises ``Refused`` (a 400 naming the request field). The compiler
+        caches by grammar: a spec seen before costs a lookup."""
+        grammar = build(spec)
         try:
-            if spec.kind == "json":
-                return self._compiler.compile_json_schema(spec.value, any_whitespace=False)
-            if spec.kind == "regex":
-                return self._compiler.compile_regex(spec.value)
-            if spec.kind == "choice":
-                return self._compiler.compile_grammar(choice_ebnf(json.loads(spec.value)))
-            if spec.kind == "grammar":
-                return self._compiler.compile_grammar(spec.value)
-            return self._compiler.compile_structural_tag(spec.value)
+            return self._compiler.compile_grammar(grammar)
         except Exception as exc:
             raise _refusal(spec, exc) from exc
 

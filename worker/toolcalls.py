@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from broker.schemas import Job, Message, Tool, ToolCallDelta
@@ -77,12 +77,12 @@ def _arguments_schema(tool: Tool) -> dict[str, Any]:
 
 _JSON_HEAD = r'\s*\{\s*"name"\s*:\s*"(?P<name>[^"\\]{1,64})"\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\{)'
 
+_HERMES = ToolFormat("hermes", "<tool_call>", '<tool_call>\n{"name": "', '", "arguments": ', "}\n</tool_call>",
+                     re.compile(r"<tool_call>" + _JSON_HEAD), re.compile(r"\s*\}\s*</tool_call>"))
 FORMATS: dict[str, ToolFormat] = {
     f.name: f for f in (
-        ToolFormat("hermes", "<tool_call>", '<tool_call>\n{"name": "', '", "arguments": ', "}\n</tool_call>",
-                   re.compile(r"<tool_call>" + _JSON_HEAD), re.compile(r"\s*\}\s*</tool_call>")),
-        ToolFormat("generic", "<tool_call>", '<tool_call>\n{"name": "', '", "arguments": ', "}\n</tool_call>",
-                   re.compile(r"<tool_call>" + _JSON_HEAD), re.compile(r"\s*\}\s*</tool_call>"), native=False),
+        _HERMES,
+        replace(_HERMES, name="generic", native=False),  # hermes' text, rendered by llmq rather than the template
         ToolFormat("llama3_json", '{"name": ', '{"name": "', '", "parameters": ', "}",
                    re.compile(r"(?:<\|python_tag\|>)?" + _JSON_HEAD), re.compile(r"\s*\}")),
         ToolFormat("mistral", "[TOOL_CALLS]", '[TOOL_CALLS][{"name": "', '", "arguments": ', "}]",
