@@ -15,7 +15,6 @@ from typing import Any
 import click
 from celery import Celery, bootsteps
 
-
 from broker.connections import sync_redis
 from broker.settings import Settings
 from worker.embeddings import is_embedding_model, load_embedding

@@ -80,6 +80,8 @@ class Runtime:
         self._stopping.set()
         for engine in self._engines:
             engine.stop()
+        if self.redelivery is not None:  # its heartbeat tick has stopped with the heart
+            self.redelivery.close()
 
     def heartbeat(self) -> Heartbeat:
         engines = self._engines
