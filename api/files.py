@@ -29,6 +29,7 @@ log = logging.getLogger("llmq.api.files")
 
 PURPOSES = ("batch",)  # the files llmq has a use for
 READ_CHUNK = 1024 * 1024
+LIST_BATCH = 100  # file metadata read per round trip when listing
 
 
 class FileObject(BaseModel):
@@ -109,14 +110,20 @@ class FileStore:
             ids = ids[ids.index(after) + 1:]
         page: list[FileObject] = []
         gone: list[str] = []
-        for file_id in ids:
-            raw = await self._redis.hget(self._keys.file(file_id), "meta")
-            if raw is None:
-                gone.append(file_id)  # expired: its index entry goes too
-                continue
-            meta = FileObject.model_validate_json(raw)
-            if purpose is None or meta.purpose == purpose:
-                page.append(meta)
+        # The metadata in batches of one round trip each, until the page (and one more) is full.
+        for start in range(0, len(ids), LIST_BATCH):
+            batch = ids[start:start + LIST_BATCH]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for file_id in batch:
+                    pipe.hget(self._keys.file(file_id), "meta")
+                raws = await pipe.execute()
+            for file_id, raw in zip(batch, raws):
+                if raw is None:
+                    gone.append(file_id)  # expired: its index entry goes too
+                    continue
+                meta = FileObject.model_validate_json(raw)
+                if purpose is None or meta.purpose == purpose:
+                    page.append(meta)
             if len(page) > limit:
                 break
         if gone:
