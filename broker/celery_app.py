@@ -32,8 +32,13 @@ def make_celery(settings: Settings, main: str = "llmq") -> Celery:
         # those nobody re-scored (worker/redelivery.py), so a job its worker
         # died with returns one beat after that worker left the registry,
         # when a redelivered copy can see it is gone (broker/control.py).
+        # Kombu's restore runs under a Redis lock that lives 5 minutes by
+        # default: a worker killed while holding it stopped every restore for
+        # that long. One beat is ample (a restore takes milliseconds, and its
+        # transaction never puts a message back twice).
         broker_transport_options={
-            "visibility_timeout": settings.heartbeat_ttl_s + settings.heartbeat_interval_s, **transport},
+            "visibility_timeout": settings.heartbeat_ttl_s + settings.heartbeat_interval_s,
+            "unacked_mutex_expire": settings.heartbeat_interval_s, **transport},
         broker_connection_retry_on_startup=True,
         # Flower shows each job as a task.
         worker_send_task_events=True,
