@@ -30,14 +30,16 @@ def make_celery(settings: Settings, main: str = "llmq") -> Celery:
         # Kombu puts an unacknowledged message back after this long. Workers
         # re-score the messages they hold on every heartbeat and put back
         # those nobody re-scored (worker/redelivery.py), so a job its worker
-        # died with returns one beat after that worker left the registry,
-        # when a redelivered copy can see it is gone (broker/control.py).
+        # died with returns about when that worker leaves the registry, and a
+        # redelivered copy can see it is gone (broker/control.py). A live
+        # worker's beat late by a whole TTL only costs a spare delivery: the
+        # claim key keeps the job running once.
         # Kombu's restore runs under a Redis lock that lives 5 minutes by
         # default: a worker killed while holding it stopped every restore for
         # that long. One beat is ample (a restore takes milliseconds, and its
         # transaction never puts a message back twice).
         broker_transport_options={
-            "visibility_timeout": settings.heartbeat_ttl_s + settings.heartbeat_interval_s,
+            "visibility_timeout": settings.heartbeat_ttl_s,
             "unacked_mutex_expire": settings.heartbeat_interval_s, **transport},
         broker_connection_retry_on_startup=True,
         # Flower shows each job as a task.
