@@ -25,7 +25,9 @@ from broker.celery_app import GENERATE_TASK
 from broker.control import admit, leave_waiting, request_cancel
 from broker.keys import Keys, queue_name
 from broker.registry import Registry
-from broker.schemas import Constraint, Delta, Done, Embeddings, Error, Job, Message, Sampling, Started, Tool
+from broker.schemas import (
+    DEFAULT_PRIORITY, Constraint, Delta, Done, Embeddings, Error, Job, Message, Sampling, Started, Tool,
+)
 from broker.settings import Settings
 
 log = logging.getLogger("llmq.api.jobs")
@@ -38,6 +40,20 @@ CLIENT_POLL_S = 0.5
 
 def error_from_event(ev: Error) -> APIError:
     return APIError(ev.status, ev.message, type=ev.error_type, code=ev.code, param=ev.param)
+
+
+def send_job(celery: Celery, job: Job, queue: str) -> None:
+    """One Celery message at the job's priority (blocking: call it off the event loop)."""
+    celery.send_task(
+        GENERATE_TASK,
+        kwargs={"job": job.model_dump(mode="json")},
+        queue=queue,
+        task_id=job.job_id,
+        priority=job.priority,
+        # Flower shows this instead of the arguments: never the prompt.
+        argsrepr="()",
+        kwargsrepr=json.dumps(job.summary()),
+    )
 
 
 class Restarted:
@@ -227,6 +243,7 @@ class Jobs:
         tool_choice: ToolChoice = "none",
         tool_name: str | None = None,
         parallel_tool_calls: bool = True,
+        priority: int = DEFAULT_PRIORITY,
         api_key: NamedKey | None = None,
         id_prefix: str,
         client_gone: Callable[[], Awaitable[bool]] | None = None,
@@ -255,6 +272,7 @@ class Jobs:
             parallel_tool_calls=parallel_tool_calls,
             reply_channel=self._router.channel,
             submitted_at=time.time(),
+            priority=priority,
         )
         q = self._router.open(job.job_id)
         try:
@@ -357,15 +375,7 @@ class Jobs:
         return queue_name(model)
 
     def _send(self, job: Job, queue: str) -> None:
-        self._celery.send_task(
-            GENERATE_TASK,
-            kwargs={"job": job.model_dump(mode="json")},
-            queue=queue,
-            task_id=job.job_id,
-            # Flower shows this instead of the arguments: never the prompt.
-            argsrepr="()",
-            kwargsrepr=json.dumps(job.summary()),
-        )
+        send_job(self._celery, job, queue)
 
     async def release(self, job_id: str, *, cancel: bool) -> None:
         self._router.close(job_id)

@@ -15,7 +15,7 @@ from typing import Any, Literal, TypedDict, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from api.errors import APIError, invalid, unsupported
-from broker.schemas import Constraint, Function, Message, Sampling, Tool, ToolCall
+from broker.schemas import SERVICE_TIERS, Constraint, Function, Message, Sampling, Tool, ToolCall
 from broker.settings import Settings
 
 
@@ -250,6 +250,8 @@ class _Generation(Request):
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     structured_outputs: StructuredOutputs | None = Field(default=None, description="vLLM's extension")
+    service_tier: Literal["auto", "default", "flex", "priority"] | None = Field(
+        default=None, description="flex waits behind default, priority goes before it (a kombu priority step)")
 
     @model_validator(mode="after")
     def _check(self) -> "_Generation":
@@ -291,6 +293,9 @@ class _Generation(Request):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def priority(self) -> int:
+        return SERVICE_TIERS[self.service_tier or "auto"]
 
 
 class ChatCompletionRequest(_Generation):
@@ -378,6 +383,13 @@ class ChatCompletionRequest(_Generation):
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def job_fields(self) -> dict[str, Any]:
+        """What the job carries of this request (``Jobs.submit``, batch lines)."""
+        return dict(kind="chat", messages=[m.to_message() for m in self.messages],
+                    sampling=self.sampling(self.max_new_tokens(), self.logprobs_wanted()), n=self.n,
+                    stop=self.stop_list(), constraint=self.constraint(), priority=self.priority(),
+                    **self.tool_fields())
+
     def logprobs_wanted(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
@@ -401,6 +413,12 @@ class CompletionRequest(_Generation):
             raise invalid("prompt", "'prompt' must not be empty: an empty string or token list gives the model "
                           "nothing to continue.")
         return p if isinstance(p, str) else list(p)  # type: ignore[arg-type]
+
+    def job_fields(self) -> dict[str, Any]:
+        """What the job carries of this request (``Jobs.submit``, batch lines)."""
+        return dict(kind="completion", prompt=self.single_prompt(), sampling=self.sampling(self.max_tokens, self.logprobs),
+                    n=self.n, stop=self.stop_list(), echo=self.echo, constraint=self.constraint(),
+                    priority=self.priority())
 
 
 # ------------------------------------------------------------- responses
@@ -454,6 +472,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    service_tier: str | None = Field(default=None, description="the tier that served it")
 
 
 class ChatChunkChoice(BaseModel):
@@ -470,6 +489,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: UsageInfo | None = None
+    service_tier: str | None = Field(default=None, description="the tier that served it")
 
 
 class CompletionChoice(BaseModel):
@@ -486,6 +506,7 @@ class Completion(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
+    service_tier: str | None = Field(default=None, description="the tier that served it")
 
 
 class ModelCard(BaseModel):

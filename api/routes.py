@@ -72,13 +72,7 @@ async def chat_completions(body: ChatCompletionRequest, jobs: JobsDep, request: 
     body.check_limits(request.app.state.settings)
     run = await jobs.submit(
         model=body.model,
-        kind="chat",
-        messages=[m.to_message() for m in body.messages],
-        sampling=body.sampling(body.max_new_tokens(), body.logprobs_wanted()),
-        n=body.n,
-        stop=body.stop_list(),
-        constraint=body.constraint(),
-        **body.tool_fields(),
+        **body.job_fields(),
         api_key=_key(request),
         id_prefix="chatcmpl",
         client_gone=request.is_disconnected,
@@ -90,13 +84,7 @@ async def chat_completions(body: ChatCompletionRequest, jobs: JobsDep, request: 
 async def completions(body: CompletionRequest, jobs: JobsDep, request: Request) -> Any:
     run = await jobs.submit(
         model=body.model,
-        kind="completion",
-        prompt=body.single_prompt(),
-        sampling=body.sampling(body.max_tokens, body.logprobs),
-        n=body.n,
-        stop=body.stop_list(),
-        echo=body.echo,
-        constraint=body.constraint(),
+        **body.job_fields(),
         api_key=_key(request),
         id_prefix="cmpl",
         client_gone=request.is_disconnected,

@@ -33,7 +33,9 @@ from api.protocol import (
     TopLogprob,
     UsageInfo,
 )
-from broker.schemas import Delta, Done, Error, FunctionCall, TokenLogprob, ToolCall, ToolCallDelta
+from broker.schemas import (
+    AnyEvent, Delta, Done, Error, FunctionCall, Job, Started, TokenLogprob, ToolCall, ToolCallDelta, tier_of,
+)
 
 DISCONNECT_POLL_S = 1.0
 
@@ -68,12 +70,24 @@ def usage_info(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
                      total_tokens=prompt_tokens + completion_tokens)
 
 
+class Answered(Protocol):
+    """What a whole body names besides its choices: a ``RunningJob``, or a
+    batch line's stored result (``api/batches.py``)."""
+
+    @property
+    def job_id(self) -> str: ...
+    @property
+    def created(self) -> int: ...
+    @property
+    def job(self) -> Job: ...
+
+
 class Shape(Protocol):
     def first(self, run: RunningJob, index: int) -> dict[str, Any] | None: ...
     def delta(self, run: RunningJob, ev: Delta) -> dict[str, Any]: ...
     def final(self, run: RunningJob, done: Done) -> dict[str, Any]: ...
     def usage(self, run: RunningJob, usage: UsageInfo) -> dict[str, Any]: ...
-    def body(self, run: RunningJob, choices: list[ChoiceResult], usage: UsageInfo) -> dict[str, Any]: ...
+    def body(self, run: Answered, choices: list[ChoiceResult], usage: UsageInfo) -> dict[str, Any]: ...
 
 
 def _bytes(text: str) -> list[int]:
@@ -100,7 +114,7 @@ class ChatShape:
 
     def _chunk(self, run: RunningJob, choice: ChatChunkChoice) -> dict[str, Any]:
         return ChatCompletionChunk(id=run.job_id, created=run.created, model=run.job.model,
-                                   choices=[choice]).model_dump()
+                                   service_tier=tier_of(run.job.priority), choices=[choice]).model_dump()
 
     def first(self, run: RunningJob, index: int) -> dict[str, Any]:
         return self._chunk(run, ChatChunkChoice(index=index, delta={"role": "assistant", "content": ""}))
@@ -119,7 +133,7 @@ class ChatShape:
 
     def usage(self, run: RunningJob, usage: UsageInfo) -> dict[str, Any]:
         return ChatCompletionChunk(id=run.job_id, created=run.created, model=run.job.model, choices=[],
-                                   usage=usage).model_dump()
+                                   service_tier=tier_of(run.job.priority), usage=usage).model_dump()
 
     @staticmethod
     def message(c: ChoiceResult) -> ChatMessageOut:
@@ -129,13 +143,13 @@ class ChatShape:
         # Text around the calls that is only whitespace is no answer: OpenAI sends null then.
         return ChatMessageOut(content=c.text if c.text.strip() else None, tool_calls=calls)
 
-    def body(self, run: RunningJob, choices: list[ChoiceResult], usage: UsageInfo) -> dict[str, Any]:
+    def body(self, run: Answered, choices: list[ChoiceResult], usage: UsageInfo) -> dict[str, Any]:
         wants = run.job.sampling.logprobs is not None
         # A message without calls carries no tool_calls key at all, as OpenAI's.
         no_calls = {i: {"message": {"tool_calls"}} for i, c in enumerate(choices) if not c.calls}
         return ChatCompletion(
             id=run.job_id, created=run.created, model=run.job.model, usage=usage,
-            choices=[ChatChoice(index=c.index, message=self.message(c), finish_reason=c.finish_reason,
+            service_tier=tier_of(run.job.priority), choices=[ChatChoice(index=c.index, message=self.message(c), finish_reason=c.finish_reason,
                                 logprobs=self.logprobs(c.logprobs) if wants else None) for c in choices],
         ).model_dump(exclude={"choices": no_calls})
 
@@ -153,9 +167,8 @@ class CompletionShape:
         )
 
     def _chunk(self, run: RunningJob, choice: CompletionChoice) -> dict[str, Any]:
-        return Completion(id=run.job_id, created=run.created, model=run.job.model, choices=[choice]).model_dump(
-            exclude={"usage"}
-        )
+        return Completion(id=run.job_id, created=run.created, model=run.job.model, choices=[choice],
+                          service_tier=tier_of(run.job.priority)).model_dump(exclude={"usage"})
 
     def first(self, run: RunningJob, index: int) -> None:
         return None
@@ -169,9 +182,9 @@ class CompletionShape:
 
     def usage(self, run: RunningJob, usage: UsageInfo) -> dict[str, Any]:
         return Completion(id=run.job_id, created=run.created, model=run.job.model, choices=[],
-                          usage=usage).model_dump()
+                          service_tier=tier_of(run.job.priority), usage=usage).model_dump()
 
-    def body(self, run: RunningJob, choices: list[ChoiceResult], usage: UsageInfo) -> dict[str, Any]:
+    def body(self, run: Answered, choices: list[ChoiceResult], usage: UsageInfo) -> dict[str, Any]:
         wants = run.job.sampling.logprobs is not None
         out = []
         for c in choices:
@@ -180,7 +193,26 @@ class CompletionShape:
             out.append(CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason,
                                         logprobs=self.logprobs(c.logprobs, start) if wants else None))
         return Completion(id=run.job_id, created=run.created, model=run.job.model, choices=out,
-                          usage=usage).model_dump()
+                          service_tier=tier_of(run.job.priority), usage=usage).model_dump()
+
+
+def replay(answered: Answered, shape: Shape, events: list[AnyEvent]) -> dict[str, Any]:
+    """The body ``collect`` would have built from these events (a batch
+    line's, stored by its worker). An Error among them raises it."""
+    choices = [ChoiceResult(index=i) for i in range(answered.job.n)]
+    prompt_tokens = completion_tokens = 0
+    for ev in events:
+        if isinstance(ev, Started):
+            prompt_tokens = ev.prompt_tokens
+        elif isinstance(ev, Delta):
+            choices[ev.index].add(ev)
+        elif isinstance(ev, Done):
+            choices[ev.index].finish_reason = ev.finish_reason
+            completion_tokens += ev.usage.completion_tokens
+            prompt_tokens = ev.usage.prompt_tokens
+        elif isinstance(ev, Error):
+            raise error_from_event(ev)
+    return shape.body(answered, choices, usage_info(prompt_tokens, completion_tokens))
 
 
 def _sse(payload: dict[str, Any] | str) -> dict[str, str]:

@@ -14,6 +14,13 @@ def queue_name(model: str) -> str:
     return f"{QUEUE_PREFIX}{model}"
 
 
+def batch_queue_name(model: str) -> str:
+    """The Celery queue of a model's batch lines. A worker takes from it only
+    while it has room for batch work (``worker/batchgate.py``); its name
+    cannot clash with ``queue_name`` of any model."""
+    return f"llmq-batch.{model}"
+
+
 class Keys:
     """Key and channel names under one prefix (default ``llmq:``)."""
 
@@ -62,6 +69,30 @@ class Keys:
     def files(self) -> str:
         """Every file's id, scored by its creation time (entries of expired files are pruned on listing)."""
         return f"{self.prefix}files"
+
+    # batches (broker/batches.py)
+    def batch(self, batch_id: str) -> str:
+        """A hash: ``status``, ``object`` (the batch's JSON as the API shows
+        it, less its counts), and the counts ``total``, ``completed``,
+        ``failed``, ``enqueued``."""
+        return f"{self.prefix}batch:{batch_id}"
+
+    def batch_results(self, batch_id: str) -> str:
+        """A hash: line index -> LineResult JSON, each written once."""
+        return f"{self.prefix}batch:{batch_id}:results"
+
+    def batch_lease(self, batch_id: str) -> str:
+        """Which API process advances the batch now (validates, enqueues,
+        finalizes); it expires, so another takes over if that one dies."""
+        return f"{self.prefix}batch:{batch_id}:lease"
+
+    def batches(self) -> str:
+        """Every batch's id, scored by its creation time (for listing)."""
+        return f"{self.prefix}batches"
+
+    def batches_open(self) -> str:
+        """A set: ids of batches not yet in a final state."""
+        return f"{self.prefix}batches:open"
 
     def started(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}:started"

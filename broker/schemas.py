@@ -79,6 +79,32 @@ class Sampling(Strict):
                                  description="None: no logprobs; k: the chosen token's and the top k")
 
 
+# Kombu's Redis transport keeps one list per priority step of a queue and
+# asks Redis for the lists of every queue, step by step, lowest number first:
+# any job waiting at a lower number goes before any at a higher one, on every
+# queue a worker consumes. OpenAI's service tiers map onto its default steps
+# (0, 3, 6, 9); batch lines take the last.
+SERVICE_TIERS: dict[str, int] = {"priority": 0, "default": 3, "auto": 3, "flex": 6}
+DEFAULT_PRIORITY = SERVICE_TIERS["default"]
+BATCH_PRIORITY = 9
+
+
+def tier_of(priority: int) -> str:
+    """The ``service_tier`` an answer echoes (a batch line's is the default tier's)."""
+    return {0: "priority", 6: "flex"}.get(priority, "default")
+
+
+class BatchLine(Strict):
+    """Which line of which batch a job is. Its events are not published: the
+    worker keeps them and stores the line's result once, at its end
+    (``broker/batches.py``), since nobody listens to a batch."""
+
+    batch_id: str
+    index: int = Field(ge=0, description="the line's position in the input file, from 0")
+    custom_id: str
+    expires_at: float = Field(description="epoch seconds: a line not started by then is not run")
+
+
 class Job(Strict):
     v: int = SCHEMA_VERSION
     job_id: str
@@ -96,8 +122,10 @@ class Job(Strict):
     tool_choice: Literal["none", "auto", "required", "function"] = "auto"
     tool_name: str | None = Field(default=None, description="tool_choice function: the function it must call")
     parallel_tool_calls: bool = True
-    reply_channel: str
+    reply_channel: str = Field(description="the API's channel for its events; empty for a batch line")
     submitted_at: float = Field(description="epoch seconds when the API enqueued the job")
+    priority: int = Field(default=DEFAULT_PRIORITY, ge=0, le=9, description="kombu priority: 0 goes first")
+    batch: BatchLine | None = None
 
     def summary(self) -> dict[str, object]:
         """What Flower may show about this job: never the prompt text."""
@@ -115,6 +143,8 @@ class Job(Strict):
             "n": self.n,
             "constrained": self.constraint.kind if self.constraint else None,
             "tools": len(self.tools or ()),
+            "priority": self.priority,
+            **({"batch_id": self.batch.batch_id, "custom_id": self.batch.custom_id} if self.batch else {}),
             **self.sampling.model_dump(exclude={"logit_bias"}),
         }
 
@@ -209,6 +239,25 @@ EVENT_ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(Event)
 
 def parse_event(raw: bytes | str) -> AnyEvent:
     return EVENT_ADAPTER.validate_json(raw)
+
+
+class LineResult(Strict):
+    """What a batch line left, stored once per line (``broker/batches.py``):
+    the events its job would have published, in order and merged per choice
+    (a Delta then a Done per choice, or one Embeddings, or one Error); or,
+    for a line that never ran, why (``skipped``)."""
+
+    v: int = SCHEMA_VERSION
+    index: int
+    custom_id: str
+    job_id: str
+    events: list[Event] = Field(default_factory=list)
+    skipped: Literal["batch_cancelled", "batch_expired"] | None = None
+    finished_at: float
+
+    @property
+    def failed(self) -> bool:
+        return self.skipped is not None or any(isinstance(ev, Error) for ev in self.events)
 
 
 # ----------------------------------------------------------------- registry
