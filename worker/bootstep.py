@@ -40,6 +40,8 @@ OPTIONS = [
     click.Option(["--chat-template"], default=None, help="Jinja chat template file for models without one"),
     click.Option(["--context-length"], type=int, default=None, help="override the model's context length"),
     click.Option(["--max-batch-size"], type=int, default=16, help="jobs batched at once; match --concurrency"),
+    click.Option(["--batch-reserve"], type=int, default=2,
+                 help="threads a worker keeps free of batch lines for interactive jobs (worker/batchgate.py)"),
     click.Option(["--kv-cache-tokens"], type=int, default=None, help="KV cache size in tokens"),
     click.Option(["--max-step-tokens"], type=int, default=MAX_STEP_TOKENS,
                  help="tokens one engine step computes: every decoding sequence's next token, then prompt chunks"),
@@ -122,8 +124,9 @@ class LLMQStep(bootsteps.StartStopStep):
             # One clear line, and no registration: the heartbeat never starts.
             raise SystemExit(f"llmq worker: cannot start: {exc}") from None
         self.runtime = Runtime(settings, engines, embedders, publisher, options,
-                               worker_id=f"{worker.hostname}-{os.getpid()}", redelivery=app.llmq_redelivery)
-        for queue in self.runtime.queues():
+                               worker_id=f"{worker.hostname}-{os.getpid()}", redelivery=app.llmq_redelivery,
+                               batch_reserve=opts.get("batch_reserve", 2))
+        for queue in [*self.runtime.queues(), *self.runtime.batch_queues()]:
             app.amqp.queues.select_add(queue)
         app.llmq_runtime = self.runtime
 
@@ -138,7 +141,9 @@ class LLMQStep(bootsteps.StartStopStep):
             # thread is busy; with a thread free, kombu's request for the
             # next job is already out, and a 100-per-second wake-up would
             # only take CPU from the engine.
+            # The same tick opens and closes the batch queues (consumer thread only).
             def tick() -> None:
+                self.runtime.gate.apply(getattr(worker, "consumer", None))
                 hub.call_later(CONSUME_TICK_S if self.runtime.saturated() else IDLE_TICK_S, tick)
 
             tick()

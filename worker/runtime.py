@@ -16,12 +16,14 @@ import redis
 
 from broker import __version__
 from broker.connections import sync_redis
+from broker import batches
 from broker.control import Claim, claim, is_cancelled, linger, mark_started
-from broker.keys import Keys, queue_name
-from broker.schemas import Delta, Embeddings, Error, Heartbeat, Job, ModelInfo, Started
+from broker.keys import Keys, batch_queue_name, queue_name
+from broker.schemas import Delta, Embeddings, Error, Heartbeat, Job, LineResult, ModelInfo, Started
 from broker.settings import Settings
 from worker.embeddings import EmbeddingModel, InputTooLong
 from worker.engines import EngineOptions
+from worker.batchgate import BatchGate
 from worker.engines.base import Engine, Refused
 from worker.heartbeat import Heart
 from worker.prompts import PromptError, prompt_ids
@@ -37,7 +39,7 @@ FULL_GRACE_S = 0.1
 class Runtime:
     def __init__(self, settings: Settings, engines: Sequence[Engine], embedders: Sequence[EmbeddingModel],
                  publisher: Publisher, options: EngineOptions, worker_id: str,
-                 redelivery: Redelivery | None = None) -> None:
+                 redelivery: Redelivery | None = None, batch_reserve: int = 2) -> None:
         self.settings = settings
         self.worker_id = worker_id
         self.keys = Keys(settings.key_prefix)
@@ -57,9 +59,13 @@ class Runtime:
         self._active_lock = threading.Lock()
         self._full_until = 0.0
         self._watchdog = threading.Thread(target=self._watch_engines, name="llmq-watchdog", daemon=True)
+        self.gate = BatchGate(self.batch_queues(), options.max_batch_size, batch_reserve)
 
     def queues(self) -> list[str]:
         return [queue_name(name) for name in [*self.engines, *self.embedders]]
+
+    def batch_queues(self) -> list[str]:
+        return [batch_queue_name(name) for name in [*self.engines, *self.embedders]]
 
     def start(self) -> None:
         for engine in self._engines:
@@ -133,6 +139,8 @@ class Runtime:
         with self._active_lock:
             self._active += 1
         try:
+            if job.batch is not None:
+                return self._run_line(job)
             return self._run(job)
         except Exception as exc:
             log.exception("job %s: failed", job.job_id)
@@ -148,6 +156,40 @@ class Runtime:
         the thread a little after ``run`` returns): a thread that frees up
         must make the worker ask for the next job (``worker/bootstep.py``)."""
         return self._active >= self.options.max_batch_size or time.monotonic() < self._full_until
+
+    def _run_line(self, job: Job) -> dict[str, object]:
+        """A batch line: run like any job, but its events are kept and
+        stored once as the line's result. A line whose batch is no longer in
+        progress (cancelled, expired) is stored as skipped, not run."""
+        assert job.batch is not None
+        line, jid = job.batch, job.job_id
+        status = batches.batch_status(self.redis, self.keys, line.batch_id)
+        expired = time.time() > line.expires_at
+        if status != batches.IN_PROGRESS or expired:
+            if status is None:  # the batch is gone (deleted, or past its keep time)
+                return {"job_id": jid, "status": "batch_gone"}
+            skipped = "batch_expired" if expired or status == batches.EXPIRED else "batch_cancelled"
+            batches.record(self.redis, self.keys, line.batch_id, LineResult(
+                index=line.index, custom_id=line.custom_id, job_id=jid, skipped=skipped, finished_at=time.time()))
+            log.info("job %s: line %d of batch %s not run (%s)", jid, line.index, line.batch_id, skipped)
+            return {"job_id": jid, "status": skipped}
+        self.publisher.keep(jid)
+        try:
+            try:
+                result = self._run(job)
+            except Exception as exc:
+                log.exception("job %s: failed", jid)
+                result = self._fail(job, 500, "worker_error", None, f"The worker failed this job: {type(exc).__name__}")
+        finally:
+            events = self.publisher.take(jid)
+        if result.get("status") == "duplicate":
+            return result  # another copy of the line runs, or ran, it
+        stored = batches.record(self.redis, self.keys, line.batch_id, LineResult(
+            index=line.index, custom_id=line.custom_id, job_id=jid, events=events, finished_at=time.time()))
+        if not stored:
+            log.warning("job %s: line %d of batch %s already had a result; this run's is dropped", jid, line.index,
+                        line.batch_id)
+        return result
 
     def _run(self, job: Job) -> dict[str, object]:
         jid = job.job_id
@@ -215,8 +257,11 @@ class Runtime:
             events += [(job.reply_channel, Delta(job_id=jid, seq=engine.emitter.next_seq(jid), index=i, text=echo,
                                                  completion_tokens=0)) for i in range(job.n)]
         # Published (and so ordered) before the engine can emit any delta. Marked
-        # started first: from here a redelivered copy must never run again.
-        mark_started(self.redis, self.keys, jid, self.settings.claim_ttl_s)
+        # started first: from here a redelivered copy must never run again. A
+        # batch line's tokens reach nobody before its end, so a copy redelivered
+        # after this worker died may run it again (its result is stored once).
+        if job.batch is None:
+            mark_started(self.redis, self.keys, jid, self.settings.claim_ttl_s)
         if self.publisher.publish(events)[0] == 0:
             log.warning("job %s: no API listens on %s, dropped", jid, job.reply_channel)
             return {"job_id": jid, "status": "no_listener"}
