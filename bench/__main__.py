@@ -1,4 +1,4 @@
-"""``python -m bench {http,baseline,compare,constrained,profile,turns,soak}``: see ``--help`` of each."""
+"""``python -m bench {http,baseline,compare,constrained,profile,turns,soak,priority}``: see ``--help`` of each."""
 
 from __future__ import annotations
 
@@ -88,7 +88,34 @@ def parser() -> argparse.ArgumentParser:
     so.add_argument("--clients", type=int, default=8)
     so.add_argument("--sample-s", type=float, default=10.0, help="seconds between memory and key-count samples")
     so.add_argument("--key-ttl-s", type=int, default=60, help="how long per-job keys live (warm-up: twice this)")
+    pi = sub.add_parser("priority", help="interactive clients' TTFT on an idle worker, then beside a running batch")
+    _http_args(pi, 96)
+    _common(pi)
+    pi.set_defaults(max_tokens=32)
+    pi.add_argument("--service-tier", default=None, choices=["auto", "default", "flex", "priority"],
+                    help="the interactive clients' service_tier (default: not sent)")
+    pi.add_argument("--batch-lines", type=int, default=2000, help="lines in the batch")
+    pi.add_argument("--batch-max-tokens", type=int, default=32, help="max_tokens of each batch line")
+    pi.add_argument("--alone-s", type=float, default=20.0, help="seconds the batch's lines/s is taken alone")
+    pi.add_argument("--keep-batch", action="store_true", help="let the batch finish instead of cancelling it")
     return ap
+
+
+def _priority(a: argparse.Namespace) -> int:
+    from bench.priority import PriorityConfig, render, run
+
+    load_start = os.getloadavg()
+    result = run(PriorityConfig(base_url=a.base_url, model=a.model, prompt=a.prompt, api_key=a.api_key,
+                                concurrency=a.concurrency, requests=a.requests, max_tokens=a.max_tokens,
+                                temperature=a.temperature, unique_prompts=a.unique_prompts,
+                                service_tier=a.service_tier, batch_lines=a.batch_lines,
+                                batch_max_tokens=a.batch_max_tokens, alone_s=a.alone_s, keep_batch=a.keep_batch))
+    result.update(loadavg_start=load_start, loadavg_end=os.getloadavg(), cpu_count=os.cpu_count())
+    render(result)
+    print(f"load average (1 min) at start {load_start[0]:.2f}, at end {result['loadavg_end'][0]:.2f}; "
+          f"{os.cpu_count()} CPUs")
+    _write_json(a.json, result)
+    return 1 if result["idle"]["errors"] or result["with_batch"]["errors"] else 0
 
 
 def _soak(a: argparse.Namespace) -> int:
@@ -156,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         return _turns(a)
     if a.cmd == "soak":
         return _soak(a)
+    if a.cmd == "priority":
+        return _priority(a)
     # On a shared host other load skews every figure; record it so a reader can tell.
     load_start = os.getloadavg()
     runs: list[Figures] = []

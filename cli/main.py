@@ -1,4 +1,4 @@
-"""``llmq``: api, worker, up (the whole demo stack), demo-model."""
+"""``llmq``: api, worker, up (the whole demo stack), demo-model, chat, batch, bench."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from typing import Annotated
 import typer
 
 from broker.keys import queue_name
+from cli.batch import app as batch_app  # typer only: openai loads inside its commands
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="llmq: serve language models from a job queue.")
+app.add_typer(batch_app, name="batch")
 
 
 @app.command()
