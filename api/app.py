@@ -13,8 +13,10 @@ from fastapi import FastAPI
 
 from fastapi.middleware.cors import CORSMiddleware
 
-from api import errors, files, health, limits, web
+from api import batches, errors, files, health, limits, web
 from api.auth import RateLimitHeaders
+from api.batch_keeper import BatchKeeper
+from api.batch_store import BatchStore
 from api.jobs import Jobs
 from api.keys import RateLimiter, load_keys
 from api.metrics import Metrics
@@ -50,10 +52,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.rate_limiter = RateLimiter(r, keys)
         app.state.files = files.FileStore(r, keys, settings)
         app.state.jobs = Jobs(settings, r, keys, registry, replies, celery, app.state.metrics, app.state.rate_limiter)
+        app.state.batches = BatchStore(r, keys, settings)
+        app.state.batch_keeper = BatchKeeper(app.state.batches, app.state.files, registry, celery, settings,
+                                             app.state.metrics, instance)
+        await app.state.batch_keeper.start()
         log.info("API instance %s up, redis %s, reply channel %s", instance, settings.redis_url, replies.channel)
         try:
             yield
         finally:
+            await app.state.batch_keeper.stop()
             await replies.stop()
             await r.aclose()
 
@@ -74,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RateLimitHeaders)
     app.include_router(router)
     app.include_router(files.router)
+    app.include_router(batches.router)
     app.include_router(health.router)
     web.install(app)
     return app

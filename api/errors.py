@@ -9,6 +9,8 @@ right status and one log line an operator can act on.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -51,6 +53,12 @@ def model_not_found(model: str) -> APIError:
     return APIError(
         404, f"The model '{model}' does not exist or no worker ever served it.", code="model_not_found", param="model"
     )
+
+
+def wrong_model_kind(model: str, kind: str) -> APIError:
+    """``kind``: what the model is (chat or embedding), which the route did not want."""
+    route = "/v1/embeddings" if kind == "embedding" else "/v1/chat/completions or /v1/completions"
+    return APIError(400, f"The model '{model}' is a {kind} model; use {route}.", param="model", code="wrong_model_kind")
 
 
 def no_live_worker(model: str) -> APIError:
@@ -96,10 +104,13 @@ def _count(request: Request, status: int, code: str | None) -> None:
         metrics.observe_error(status, code)
 
 
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+def validation_error(problems: Sequence[Any]) -> APIError:
+    """The 400 for a body pydantic refused (``ValidationError.errors()`` or a
+    ``RequestValidationError``'s), as the routes answer it; batch lines
+    (``api/batch_lines.py``) are refused with the same words."""
     # Of a union's failed branches (content: str | list[TextPart]) the deepest
     # names the problem: 'messages.0.content.0.type' rather than "not a string".
-    first = max(exc.errors(), key=lambda e: len(e.get("loc", ())))
+    first = max(problems, key=lambda e: len(e.get("loc", ())))
     param = _param_from_loc(tuple(first.get("loc", ())))
     msg = first.get("msg", "invalid request")
     if first.get("type") == "extra_forbidden":
@@ -109,9 +120,14 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         param = None
     elif param:
         msg = f"Invalid value for '{param}': {msg}"
-    log.info("400 %s %s: %s", request.method, request.url.path, msg)
+    return APIError(400, msg, param=param)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    err = validation_error(exc.errors())
+    log.info("400 %s %s: %s", request.method, request.url.path, err.message)
     _count(request, 400, "invalid_request")
-    return APIError(400, msg, param=param).response()
+    return err.response()
 
 
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:

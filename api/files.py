@@ -27,7 +27,8 @@ from broker.settings import Settings
 
 log = logging.getLogger("llmq.api.files")
 
-PURPOSES = ("batch",)  # the files llmq has a use for
+PURPOSES = ("batch",)  # what a client may upload: the files llmq has a use for
+BATCH_OUTPUT = "batch_output"  # a batch's output and error files, written by llmq (api/batch_keeper.py)
 READ_CHUNK = 1024 * 1024
 LIST_BATCH = 100  # file metadata read per round trip when listing
 
@@ -57,6 +58,10 @@ class FileDeleted(BaseModel):
     deleted: bool = True
 
 
+def new_file_id() -> str:
+    return f"file-{uuid.uuid4().hex}"
+
+
 def not_found(file_id: str) -> APIError:
     return APIError(404, f"No such File object: {file_id}", param="id", code="file_not_found")
 
@@ -68,10 +73,13 @@ class FileStore:
         self._ttl_s = settings.files_ttl_s
         self.max_bytes = settings.files_max_bytes
 
-    async def put(self, content: bytes, filename: str, purpose: str) -> FileObject:
+    async def put(self, content: bytes, filename: str, purpose: str, file_id: str | None = None) -> FileObject:
+        """Store a file under a new id, or under ``file_id`` (replacing what
+        it held: a batch's result files are written again, not twice, when
+        a finalization is redone)."""
         clock = time.time()  # the index's order: finer than created_at's seconds
         now = int(clock)
-        meta = FileObject(id=f"file-{uuid.uuid4().hex}", bytes=len(content), created_at=now,
+        meta = FileObject(id=file_id or new_file_id(), bytes=len(content), created_at=now,
                           expires_at=now + self._ttl_s, filename=filename, purpose=purpose)
         key = self._keys.file(meta.id)
         async with self._redis.pipeline(transaction=True) as pipe:

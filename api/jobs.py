@@ -16,7 +16,7 @@ from celery import Celery
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
-from api.errors import APIError, model_not_found, no_live_worker, queue_full
+from api.errors import APIError, model_not_found, no_live_worker, queue_full, wrong_model_kind
 from api.keys import NamedKey, RateLimiter
 from api.metrics import JobFigures, Metrics
 from api.protocol import ToolChoice
@@ -369,9 +369,7 @@ class Jobs:
         if live is None:
             raise no_live_worker(model) if await self._registry.ever_served(model) else model_not_found(model)
         if live.info.kind != kind:
-            route = "/v1/embeddings" if live.info.kind == "embedding" else "/v1/chat/completions or /v1/completions"
-            raise APIError(400, f"The model '{model}' is a {live.info.kind} model; use {route}.", param="model",
-                           code="wrong_model_kind")
+            raise wrong_model_kind(model, live.info.kind)
         return queue_name(model)
 
     def _send(self, job: Job, queue: str) -> None:

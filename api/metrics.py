@@ -9,6 +9,7 @@ when ``/metrics`` is scraped.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -59,6 +60,10 @@ class Metrics:
                                     ["key_name", "outcome"], registry=r)
         self.key_tokens = Counter("llmq:api_key_tokens", "Prompt and completion tokens by API key name.",
                                   ["key_name"], registry=r)
+        # Set by the batch keeper each tick (api/batch_keeper.py), summed over open batches: never per batch id.
+        self.batches = Gauge("llmq:batches", "Open batches by status.", ["status"], registry=r)
+        self.batch_lines = Gauge("llmq:batch_lines", "Lines of open batches: queued (not yet ended), completed, "
+                                 "failed.", ["state"], registry=r)
         self.worker_batch = Gauge("llmq:worker_batch_size", "Jobs in the worker's batch.", ["worker"], registry=r)
         self.worker_tps = Gauge("llmq:worker_generation_tokens_per_second", "Worker output tokens/s (10 s window).",
                                 ["worker"], registry=r)
@@ -66,6 +71,13 @@ class Metrics:
                                  ["worker", "engine"], registry=r)
         self.worker_step = Gauge("llmq:worker_engine_step_seconds", "Worker's recent mean engine step time.",
                                  ["worker"], registry=r)
+
+    def observe_batches(self, statuses: Mapping[str, int], lines: Mapping[str, int]) -> None:
+        """Open batches per status and their lines per state, as each batch keeper tick reads them."""
+        for status, count in statuses.items():
+            self.batches.labels(status).set(count)
+        for state, count in lines.items():
+            self.batch_lines.labels(state).set(count)
 
     def observe_job(self, f: JobFigures) -> None:
         self.prompt_tokens.labels(f.model).inc(f.prompt_tokens)

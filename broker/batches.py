@@ -28,8 +28,10 @@ FINAL = frozenset({COMPLETED, FAILED, EXPIRED, CANCELLED})
 
 # KEYS[1] results hash, KEYS[2] batch hash; ARGV[1] line index, ARGV[2] the
 # LineResult JSON, ARGV[3] the count it adds to. Returns 1 if stored, 0 if
-# the line already had a result.
+# the line already had a result or the batch is gone (a late line must not
+# recreate its keys without their TTL).
 _RECORD = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
 return 1

@@ -73,8 +73,11 @@ class Keys:
     # batches (broker/batches.py)
     def batch(self, batch_id: str) -> str:
         """A hash: ``status``, ``object`` (the batch's JSON as the API shows
-        it, less its counts), and the counts ``total``, ``completed``,
-        ``failed``, ``enqueued``."""
+        it, less its counts), the counts ``total``, ``completed``,
+        ``failed``, ``enqueued``; while open, ``input`` (a copy of the input
+        file, so deleting the file cannot orphan the batch); ``finalize_as``
+        (completed or expired, for a finalization redone after a crash);
+        ``output_file`` / ``error_file`` (result file ids, chosen once)."""
         return f"{self.prefix}batch:{batch_id}"
 
     def batch_results(self, batch_id: str) -> str:

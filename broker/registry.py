@@ -83,3 +83,12 @@ class Registry:
 
     async def ever_served(self, model: str) -> bool:
         return bool(await self._redis.hexists(self._keys.models_seen(), model))
+
+    async def last_announced(self, models: list[str]) -> dict[str, ModelInfo | None]:
+        """What a worker last announced of each model, live or not (None:
+        never served): batch lines are checked against it, since they may
+        wait for a worker that is not up yet."""
+        if not models:
+            return {}
+        raws = await self._redis.hmget(self._keys.models_seen(), models)
+        return {m: ModelInfo.model_validate_json(raw) if raw is not None else None for m, raw in zip(models, raws)}

@@ -64,6 +64,19 @@ class Settings(BaseSettings):
     # Files (/v1/files, api/files.py): kept in Redis, so every API process serves them.
     files_max_bytes: int = Field(default=100 * 1024 * 1024, ge=1, description="per file; over it a 413")
     files_ttl_s: int = Field(default=30 * 24 * 3600, ge=60, description="how long an uploaded file is kept")
+    # Batches (/v1/batches, api/batches.py). A batch is kept in Redis for its
+    # completion window plus files_ttl_s; every API process's keeper advances
+    # the open ones, one process per batch at a time (a lease).
+    # Requests per input file, as OpenAI's limit; more fails the whole batch.
+    batch_max_lines: int = Field(default=50_000, ge=1)
+    # A cancelled batch waits this long for lines already running to end; the
+    # lines still unfinished then go in the error file as batch_cancelled.
+    batch_cancel_grace_s: float = Field(default=600.0, ge=0)
+    # How long a keeper's hold on a batch lasts unrenewed: after an API
+    # process dies, another takes its batches over within this.
+    batch_lease_s: float = Field(default=15.0, ge=1)
+    # How often each keeper looks at the open batches.
+    batch_tick_s: float = Field(default=1.0, gt=0)
 
     @field_validator("api_keys", "cors_allow_origins", "cors_allow_methods", "cors_allow_headers", "redis_sentinels",
                      mode="before")

@@ -84,3 +84,4 @@ def test_the_gate_leaves_interactive_work_its_threads(monkeypatch: pytest.Monkey
     for _ in range(10):
         gate.released(batch=True)
     assert gate.room() == 14
+    assert BatchGate([], threads=2, reserve=2).room() == 1  # a small worker still runs batch lines

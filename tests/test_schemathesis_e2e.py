@@ -108,8 +108,9 @@ def test_generated_requests_get_no_server_error_and_match_the_schema(stack: Stac
     tally = Tally(BUDGET_S)
     failures: list[str] = []
     for op in operations:
-        # Only bodies can be made invalid: the GET routes take no parameters.
-        modes = [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if op.method.upper() == "POST" else [])
+        # Only bodies are made invalid (a POST with none, like a batch's cancel, has nothing to spoil).
+        negative = op.method.upper() == "POST" and len(op.body) > 0
+        modes = [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if negative else [])
         for mode in modes:
             try:
                 explore(op, mode, stack, tally)

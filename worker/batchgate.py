@@ -13,7 +13,8 @@ queues only while it has room for batch work:
 last ``MEMORY_S`` seconds, not only now: a client that sent its next request
 a few milliseconds after its last answer still finds its thread free.
 ``reserve`` threads stay free for interactive jobs that arrive at an idle
-worker. Batch lines never stop once started: they end in seconds.
+worker, but never all of them: a worker of one or two threads still runs
+batch lines in one. Batch lines never stop once started: they end in seconds.
 
 Counts change on Celery's threads (a job received, acknowledged); the
 consumer is touched only from Celery's consumer thread (``apply``).
@@ -35,7 +36,7 @@ class BatchGate:
     def __init__(self, queues: list[str], threads: int, reserve: int) -> None:
         self.queues = queues
         self.threads = threads
-        self.reserve = reserve
+        self.reserve = max(0, min(reserve, threads - 1))
         self._lock = threading.Lock()
         self._batch = 0
         self._interactive = 0
