@@ -14,13 +14,14 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import redis
 
 from cli.demo_model import embedding_model_dir
 from tests.conftest import Stack
-from tests.procs import NO_END_BIAS, spawn, start_worker, wait_for, wait_model
+from tests.procs import NO_END_BIAS, free_port, spawn, start_worker, wait_for, wait_model
 
 pytestmark = pytest.mark.e2e
 
@@ -212,3 +213,33 @@ def test_service_tier_orders_waiting_jobs_and_is_echoed(stack: Stack) -> None:
         assert bad.value.body["param"] == "service_tier"  # type: ignore[index]
     finally:
         worker.stop()
+
+
+def test_flower_shows_batch_lines_as_tasks_without_prompts(stack: Stack) -> None:
+    port = free_port()
+    flower = spawn("flower-batch", [sys.executable, "-m", "celery", "--broker", stack.redis_url, "flower",
+                                    f"--port={port}", "--address=127.0.0.1", "--basic-auth=admin:s3cret"],
+                   stack.env)
+    auth = ("admin", "s3cret")
+    base = f"http://127.0.0.1:{port}"
+    client = client_of(stack)
+    try:
+        wait_for(lambda: httpx.get(f"{base}/api/workers", auth=auth, timeout=2).status_code == 200, 30, "flower",
+                 flower)
+        secret = "My secret code is 5521; say hello."
+        lines = [{"custom_id": "secret-line", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"model": stack.model, "max_tokens": 4, "messages": [{"role": "user", "content": secret}]}}]
+        batch, _ = wait_final(client, submit(client, lines), 120)
+        [line] = jsonl(client, batch.output_file_id)
+        job_id = line["response"]["request_id"]
+
+        def task() -> dict[str, Any]:
+            return httpx.get(f"{base}/api/task/info/{job_id}", auth=auth, timeout=5).json()  # type: ignore[no-any-return]
+
+        wait_for(lambda: task().get("state") == "SUCCESS", 30, "flower task record")
+        info = task()
+        print({k: info.get(k) for k in ("name", "state", "worker", "kwargs")})
+        assert info["name"] == "llmq.generate" and batch.id in info["kwargs"] and "secret-line" in info["kwargs"]
+        assert json.loads(info["kwargs"])["priority"] == 9 and "5521" not in json.dumps(info)
+    finally:
+        flower.stop()
