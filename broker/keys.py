@@ -97,5 +97,25 @@ class Keys:
         """A set: ids of batches not yet in a final state."""
         return f"{self.prefix}batches:open"
 
+    # responses (/v1/responses, api/responses*.py)
+    def response(self, response_id: str) -> str:
+        """A hash: what was asked (the request, its input items) and what the
+        API alone knows of a stored response; its answer is in its stream."""
+        return f"{self.prefix}response:{response_id}"
+
+    def response_events(self, response_id: str) -> str:
+        """A stream: every event of the response's job(s), appended by the
+        worker (entry field ``event``), and the API's own marks (cancelled,
+        failed for a lost worker). The response is rebuilt from it."""
+        return f"{self.prefix}response:{response_id}:events"
+
+    def responses_open(self) -> str:
+        """A set: ids of responses not yet ended, watched by every API process."""
+        return f"{self.prefix}responses:open"
+
+    def response_lease(self, response_id: str) -> str:
+        """Which API process acts on an open response now (resubmits, fails it)."""
+        return f"{self.prefix}response:{response_id}:lease"
+
     def started(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}:started"

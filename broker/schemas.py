@@ -126,6 +126,9 @@ class Job(Strict):
     submitted_at: float = Field(description="epoch seconds when the API enqueued the job")
     priority: int = Field(default=DEFAULT_PRIORITY, ge=0, le=9, description="kombu priority: 0 goes first")
     batch: BatchLine | None = None
+    events_stream: str | None = Field(
+        default=None, description="a Redis stream the worker also appends each event to (XADD, entry field "
+        "'event'), so a client can resume from any API process (/v1/responses)")
 
     def summary(self) -> dict[str, object]:
         """What Flower may show about this job: never the prompt text."""

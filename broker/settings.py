@@ -77,6 +77,11 @@ class Settings(BaseSettings):
     batch_lease_s: float = Field(default=15.0, ge=1)
     # How often each keeper looks at the open batches.
     batch_tick_s: float = Field(default=1.0, gt=0)
+    # Responses (/v1/responses): a stored response and the Redis stream of
+    # its events live this long (OpenAI keeps them 30 days), the stream capped
+    # at this many events (a job's events: about one per token).
+    responses_ttl_s: int = Field(default=30 * 24 * 3600, ge=60)
+    responses_stream_max_events: int = Field(default=100_000, ge=100)
 
     @field_validator("api_keys", "cors_allow_origins", "cors_allow_methods", "cors_allow_headers", "redis_sentinels",
                      mode="before")

@@ -114,7 +114,7 @@ class LLMQStep(bootsteps.StartStopStep):
             llama_server=opts.get("llama_server"), n_gpu_layers=opts.get("n_gpu_layers"),
             tool_call_parser=opts.get("tool_call_parser"),
         )
-        publisher = Publisher(sync_redis(settings))
+        publisher = Publisher(sync_redis(settings), settings.responses_stream_max_events, settings.responses_ttl_s)
         try:
             specs = specs_from_options(opts)
             embed = [s for s in specs if is_embedding_model(s.path)]

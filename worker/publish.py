@@ -3,7 +3,13 @@ pipeline, never one round trip per token.
 
 A batch line's events are kept instead (``keep``/``take``): nobody listens
 to a batch, and its worker stores the line's result once, at its end
-(``broker/batches.py``)."""
+(``broker/batches.py``).
+
+A job with an ``events_stream`` (a stored or background response) also has
+each event appended to that Redis stream, in the same pipeline as the
+publish, capped and with a TTL: a client that lost its connection resumes
+from it through any API process, and a job nobody follows still leaves its
+whole answer there."""
 
 from __future__ import annotations
 
@@ -15,11 +21,27 @@ import redis
 from broker.schemas import AnyEvent, Delta, Done, Started
 
 
+# The entry field of an event in a job's events stream.
+STREAM_FIELD = "event"
+
+
 class Publisher:
-    def __init__(self, r: redis.Redis) -> None:
+    def __init__(self, r: redis.Redis, stream_max_events: int = 100_000, stream_ttl_s: int = 30 * 24 * 3600) -> None:
         self._redis = r
+        self._stream_max = stream_max_events
+        self._stream_ttl_s = stream_ttl_s
         self._kept: dict[str, list[AnyEvent]] = {}
+        self._streams: dict[str, str] = {}  # job id -> its events stream
         self._lock = threading.Lock()  # the engine's step thread and Celery's threads publish
+
+    def stream(self, job_id: str, key: str) -> None:
+        """From now on this job's events are also appended to stream ``key``."""
+        with self._lock:
+            self._streams[job_id] = key
+
+    def unstream(self, job_id: str) -> None:
+        with self._lock:
+            self._streams.pop(job_id, None)
 
     def keep(self, job_id: str) -> None:
         """From now on this job's events are kept, not published."""
@@ -33,23 +55,40 @@ class Publisher:
 
     def publish(self, events: Sequence[tuple[str, AnyEvent]]) -> list[int]:
         """Publish in order; returns, per event, how many subscribers got it
-        (a kept event counts as one: its job must not look abandoned)."""
+        (a kept or streamed event counts at least one: its job must not
+        look abandoned, since its stream keeps it for a client to come)."""
         counts = [1] * len(events)
-        sent: list[int] = []
+        sent: list[tuple[int, str | None]] = []  # event index, its stream
         with self._lock:
             for i, (_, event) in enumerate(events):
                 kept = self._kept.get(event.job_id)
                 if kept is not None:
                     kept.append(event)
                 else:
-                    sent.append(i)
-        if sent:
-            with self._redis.pipeline(transaction=False) as pipe:
-                for i in sent:
-                    channel, event = events[i]
-                    pipe.publish(channel, event.model_dump_json())
-                for i, n in zip(sent, pipe.execute()):
-                    counts[i] = int(n)
+                    sent.append((i, self._streams.get(event.job_id)))
+        if not sent:
+            return counts
+        published: list[int] = []  # event indexes whose PUBLISH reply counts subscribers
+        with self._redis.pipeline(transaction=False) as pipe:
+            for i, key in sent:
+                channel, event = events[i]
+                data = event.model_dump_json()
+                if channel:
+                    pipe.publish(channel, data)
+                    published.append(i)
+                if key is not None:
+                    pipe.xadd(key, {STREAM_FIELD: data}, maxlen=self._stream_max, approximate=True)
+                    pipe.expire(key, self._stream_ttl_s)
+            replies = pipe.execute()
+        # Replies come in command order: a PUBLISH's count, an XADD's id and an EXPIRE's flag.
+        at = 0
+        for i, key in sent:
+            channel = events[i][0]
+            if channel:
+                counts[i] = int(replies[at]) if key is None else max(1, int(replies[at]))
+                at += 1
+            if key is not None:
+                at += 2
         return counts
 
 

@@ -138,6 +138,8 @@ class Runtime:
         job that failed silently."""
         with self._active_lock:
             self._active += 1
+        if job.events_stream is not None:
+            self.publisher.stream(job.job_id, job.events_stream)
         try:
             if job.batch is not None:
                 return self._run_line(job)
@@ -146,6 +148,7 @@ class Runtime:
             log.exception("job %s: failed", job.job_id)
             return self._fail(job, 500, "worker_error", None, f"The worker failed this job: {type(exc).__name__}")
         finally:
+            self.publisher.unstream(job.job_id)
             with self._active_lock:
                 if self._active >= self.options.max_batch_size:
                     self._full_until = time.monotonic() + FULL_GRACE_S

@@ -1,0 +1,47 @@
+"""The worker's Publisher against a real redis-server: a streamed job's
+events land in its Redis stream (capped, with a TTL) in the same pipeline as
+the publish, and count as heard even when no API process subscribes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from broker.schemas import Delta, Started, parse_event
+from tests.procs import start_redis
+from worker.publish import STREAM_FIELD, Publisher
+
+
+@pytest.fixture(scope="module")
+def r(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
+    proc, port = start_redis(Path(tmp_path_factory.mktemp("redis-publish")))
+    try:
+        yield redis.Redis(port=port)
+    finally:
+        proc.stop()
+
+
+def test_streamed_events_are_appended_capped_and_expire(r: redis.Redis) -> None:
+    pub = Publisher(r, stream_max_events=100, stream_ttl_s=120)
+    pub.stream("a", "llmq:test:stream:a")
+    sub = r.pubsub()
+    sub.subscribe("chan")
+    events = [("chan", Started(job_id="a", seq=0, worker="w", prompt_tokens=3, queue_s=0.0)),
+              ("", Delta(job_id="a", seq=1, text="hi", completion_tokens=1)),
+              ("chan", Delta(job_id="b", seq=1, text="not streamed", completion_tokens=1))]
+    counts = pub.publish(events)
+    assert counts == [1, 1, 1]  # a subscriber heard "chan"; the channel-less streamed event counts as heard
+    assert pub.publish([("nobody", Delta(job_id="b", seq=2, text="x", completion_tokens=2))]) == [0]
+    stored = [parse_event(fields[STREAM_FIELD.encode()]) for _, fields in r.xrange("llmq:test:stream:a")]
+    assert [e.seq for e in stored] == [0, 1] and all(e.job_id == "a" for e in stored)
+    assert 0 < r.ttl("llmq:test:stream:a") <= 120
+    for i in range(2, 400):
+        pub.publish([("", Delta(job_id="a", seq=i, text=".", completion_tokens=i))])
+    assert r.xlen("llmq:test:stream:a") < 250  # capped (approximately, as XADD MAXLEN ~ trims)
+    pub.unstream("a")
+    pub.publish([("", Delta(job_id="a", seq=400, text=".", completion_tokens=400))])
+    last = parse_event(r.xrevrange("llmq:test:stream:a", count=1)[0][1][STREAM_FIELD.encode()])
+    assert last.seq == 399
