@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from fastapi.middleware.cors import CORSMiddleware
 
-from api import batches, errors, files, health, limits, web
+from api import batches, errors, files, health, limits, responses, web
 from api.auth import RateLimitHeaders
 from api.batch_keeper import BatchKeeper
 from api.batch_store import BatchStore
@@ -21,6 +21,10 @@ from api.jobs import Jobs
 from api.keys import RateLimiter, load_keys
 from api.metrics import Metrics
 from api.replies import ReplyRouter
+from api.response_keeper import ResponseKeeper, token_counter
+from api.response_service import Responses
+from api.response_store import ResponseStore
+from api.response_tail import StreamTail
 from api.routes import JOB_ID_HEADER, router
 from broker import __version__
 from broker.celery_app import make_celery
@@ -56,10 +60,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.batch_keeper = BatchKeeper(app.state.batches, app.state.files, registry, celery, settings,
                                              app.state.metrics, instance)
         await app.state.batch_keeper.start()
+        response_store = ResponseStore(r, keys, settings)
+        response_tail = StreamTail(r)
+        app.state.responses = Responses(response_store, response_tail, app.state.jobs, celery, r, keys, settings)
+        app.state.response_keeper = ResponseKeeper(response_store, r, registry, celery, settings, keys,
+                                                   app.state.metrics,
+                                                   token_counter(app.state.api_keys, app.state.jobs.count_tokens))
+        await response_tail.start()
+        await app.state.response_keeper.start()
         log.info("API instance %s up, redis %s, reply channel %s", instance, settings.redis_url, replies.channel)
         try:
             yield
         finally:
+            await app.state.response_keeper.stop()
+            await response_tail.stop()
             await app.state.batch_keeper.stop()
             await replies.stop()
             await r.aclose()
@@ -82,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(files.router)
     app.include_router(batches.router)
+    app.include_router(responses.router)
     app.include_router(health.router)
     web.install(app)
     return app

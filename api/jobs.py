@@ -252,9 +252,9 @@ class Jobs:
         ``client_gone`` is polled meanwhile: a client that leaves while its
         job waits in the queue cancels it, so it costs no generation."""
         accepted_at = time.monotonic()
-        queue = await self._admit(model, "chat")
+        queue = await self.admit(model, "chat")
         job_id = f"{id_prefix}-{uuid.uuid4().hex}"
-        await self._enter_queue(model, job_id)
+        await self.enter_queue(model, job_id)
         job = Job(
             job_id=job_id,
             model=model,
@@ -333,9 +333,9 @@ class Jobs:
 
     async def embed(self, *, model: str, inputs: list[str] | list[list[int]], api_key: NamedKey | None = None
                     ) -> Embeddings:
-        queue = await self._admit(model, "embedding")
+        queue = await self.admit(model, "embedding")
         job_id = f"embd-{uuid.uuid4().hex}"
-        await self._enter_queue(model, job_id)
+        await self.enter_queue(model, job_id)
         job = Job(job_id=job_id, model=model, kind="embedding", inputs=inputs,
                   reply_channel=self._router.channel, submitted_at=time.time())
         q = self._router.open(job.job_id)
@@ -356,14 +356,14 @@ class Jobs:
             raise error_from_event(ev)
         raise APIError(500, f"The worker answered an embedding job with {ev.type}.", type="server_error")
 
-    async def _enter_queue(self, model: str, job_id: str) -> None:
+    async def enter_queue(self, model: str, job_id: str) -> None:
         """The queue bound: counted atomically in Redis, across API processes."""
         bound = self.settings.max_queue_depth
         admitted = await admit(self._redis, self._keys, model, job_id, bound, self.settings.first_event_timeout_s)
         if admitted < 0:
             raise queue_full(model, -admitted, self.settings.retry_after_s)
 
-    async def _admit(self, model: str, kind: str) -> str:
+    async def admit(self, model: str, kind: str) -> str:
         """The model's queue, if a live worker serves it as ``kind``."""
         live = (await self._registry.live_models()).get(model)
         if live is None:

@@ -64,6 +64,9 @@ class Metrics:
         self.batches = Gauge("llmq:batches", "Open batches by status.", ["status"], registry=r)
         self.batch_lines = Gauge("llmq:batch_lines", "Lines of open batches: queued (not yet ended), completed, "
                                  "failed.", ["state"], registry=r)
+        # Counted once per response, by the keeper that sees it end (api/response_keeper.py).
+        self.responses = Counter("llmq:responses", "Responses (/v1/responses) ended, by status.", ["status"],
+                                 registry=r)
         self.worker_batch = Gauge("llmq:worker_batch_size", "Jobs in the worker's batch.", ["worker"], registry=r)
         self.worker_tps = Gauge("llmq:worker_generation_tokens_per_second", "Worker output tokens/s (10 s window).",
                                 ["worker"], registry=r)

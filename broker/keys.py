@@ -99,8 +99,10 @@ class Keys:
 
     # responses (/v1/responses, api/responses*.py)
     def response(self, response_id: str) -> str:
-        """A hash: what was asked (the request, its input items) and what the
-        API alone knows of a stored response; its answer is in its stream."""
+        """A hash: ``record`` (what was asked: the request, its input items,
+        and what the API alone knows of the response), ``ended`` (set once, by
+        the first API process to see the end), ``deleted`` (a short tombstone
+        after DELETE). The answer itself is in its events stream."""
         return f"{self.prefix}response:{response_id}"
 
     def response_events(self, response_id: str) -> str:
@@ -112,10 +114,6 @@ class Keys:
     def responses_open(self) -> str:
         """A set: ids of responses not yet ended, watched by every API process."""
         return f"{self.prefix}responses:open"
-
-    def response_lease(self, response_id: str) -> str:
-        """Which API process acts on an open response now (resubmits, fails it)."""
-        return f"{self.prefix}response:{response_id}:lease"
 
     def started(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}:started"

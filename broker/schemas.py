@@ -240,6 +240,11 @@ Event = Annotated[AnyEvent, Field(discriminator="type")]
 EVENT_ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(Event)
 
 
+# The field of an entry that holds an event in a job's events stream
+# (Job.events_stream): written by the worker, read by the API.
+STREAM_EVENT_FIELD = "event"
+
+
 def parse_event(raw: bytes | str) -> AnyEvent:
     return EVENT_ADAPTER.validate_json(raw)
 

@@ -12,7 +12,8 @@ import redis
 
 from broker.schemas import Delta, Started, parse_event
 from tests.procs import start_redis
-from worker.publish import STREAM_FIELD, Publisher
+from broker.schemas import STREAM_EVENT_FIELD as STREAM_FIELD
+from worker.publish import Publisher
 
 
 @pytest.fixture(scope="module")

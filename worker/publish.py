@@ -18,11 +18,7 @@ from collections.abc import Sequence
 
 import redis
 
-from broker.schemas import AnyEvent, Delta, Done, Started
-
-
-# The entry field of an event in a job's events stream.
-STREAM_FIELD = "event"
+from broker.schemas import STREAM_EVENT_FIELD, AnyEvent, Delta, Done, Started
 
 
 class Publisher:
@@ -77,7 +73,7 @@ class Publisher:
                     pipe.publish(channel, data)
                     published.append(i)
                 if key is not None:
-                    pipe.xadd(key, {STREAM_FIELD: data}, maxlen=self._stream_max, approximate=True)
+                    pipe.xadd(key, {STREAM_EVENT_FIELD: data}, maxlen=self._stream_max, approximate=True)
                     pipe.expire(key, self._stream_ttl_s)
             replies = pipe.execute()
         # Replies come in command order: a PUBLISH's count, an XADD's id and an EXPIRE's flag.

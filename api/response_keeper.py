@@ -1,0 +1,228 @@
+"""The keeper of responses, in every API process: what happens to a
+response nobody's request is waiting on (a background one, or one whose API
+process died).
+
+Every ``TICK_S`` it reads the open responses (``Keys.responses_open``) and
+the entries their streams gained since it last looked, folds them
+(``api/response_events.py``), and:
+
+- a response that ended: its end is counted once (metrics, the API key's
+  tokens, one log line), then it leaves the open set; a ``store: false`` one
+  is deleted ``UNSTORED_LINGER_S`` later (whoever followed it has its end
+  by then);
+- a response whose job started and left the queue bound is taken off it;
+- a response whose worker is gone (its heartbeat expired): resubmitted
+  under a new job id if that worker sent no token yet (at most
+  ``MAX_RESUBMITS`` times), else failed (``worker_lost``); one no worker
+  started within ``first_event_timeout_s``, or whose live worker sent
+  nothing for ``event_timeout_s``, is failed too.
+
+Several keepers may decide the same thing at once: each appends its mark
+only if the stream's last entry is still the one its decision was taken on
+(``ResponseStore.append``), so exactly one of them acts, and a mark never
+lands after an entry its keeper did not see. That compare-and-append takes
+the place of a lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import redis.asyncio as aioredis
+from celery import Celery
+from redis.exceptions import RedisError
+
+from api.jobs import MAX_RESUBMITS, send_job
+from api.keys import NamedKey
+from api.metrics import Metrics
+from api.response_events import Mark, ResponseFold
+from api.response_store import ResponseStore
+from broker.control import leave_waiting, request_cancel
+from broker.keys import Keys, queue_name
+from broker.registry import Registry
+from broker.settings import Settings
+
+log = logging.getLogger("llmq.api.responses")
+
+TICK_S = 1.0
+UNSTORED_LINGER_S = 30.0
+
+
+def attempt_ids(base: str) -> list[str]:
+    """Every job id a response may have run under."""
+    return [base, *(f"{base}~{n}" for n in range(1, MAX_RESUBMITS + 1))]
+
+
+class ResponseKeeper:
+    """Built once per API process (``app.state.response_keeper``); ``start`` and ``stop`` in the lifespan."""
+
+    def __init__(self, store: ResponseStore, r: aioredis.Redis, registry: Registry, celery: Celery,
+                 settings: Settings, keys: Keys, metrics: Metrics,
+                 count_tokens: Callable[[str, int], Awaitable[None]]) -> None:
+        self._store = store
+        self._redis = r
+        self._registry = registry
+        self._celery = celery
+        self._settings = settings
+        self._keys = keys
+        self._metrics = metrics
+        self._count_tokens = count_tokens
+        self._folds: dict[str, ResponseFold] = {}
+        self._unqueued: set[str] = set()  # responses this keeper took off their model's queue bound
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"ResponseKeeper(watching={len(self._folds)})"
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="response-keeper")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def kick(self) -> None:
+        self._wake.set()
+
+    async def _run(self) -> None:
+        unreachable = False
+        while True:
+            self._wake.clear()
+            try:
+                await self.tick()
+                if unreachable:
+                    log.info("response keeper: Redis reachable again")
+                unreachable = False
+            except (RedisError, OSError) as exc:
+                if not unreachable:
+                    log.warning("response keeper: Redis unreachable (%s); responses wait until it is back", exc)
+                unreachable = True
+            except Exception:
+                log.exception("response keeper: a tick failed; the next one retries")
+            try:
+                await asyncio.wait_for(self._wake.wait(), TICK_S)
+            except TimeoutError:
+                pass
+
+    async def tick(self) -> None:
+        ids = await self._store.open_ids()
+        for gone in set(self._folds) - set(ids):
+            self._forget(gone)
+        if not ids:
+            return
+        looks = await self._store.look(ids, {i: f.last_id for i, f in self._folds.items()})
+        live = {w.worker_id for w in await self._registry.workers()}
+        now_ms = int(time.time() * 1000)
+        for response_id, (exists, has_record, entries) in zip(ids, looks):
+            if not has_record:
+                # Deleted (a tombstone) or expired: a late worker append may have recreated the stream.
+                await self._store.delete_stream(response_id)
+                if not exists:
+                    await self._store.close(response_id)
+                    self._forget(response_id)
+                continue
+            state = self._folds.get(response_id)
+            if state is None:
+                record = await self._store.get(response_id)
+                if record is None:
+                    continue
+                state = self._folds[response_id] = ResponseFold(record)
+                state.opening()
+            for entry_id, fields in entries:
+                state.feed(entry_id, fields)
+            await self._look_after(state, live, now_ms)
+
+    def _forget(self, response_id: str) -> None:
+        self._folds.pop(response_id, None)
+        self._unqueued.discard(response_id)
+
+    async def _look_after(self, state: ResponseFold, live: set[str], now_ms: int) -> None:
+        rid = state.record.id
+        if (state.worker is not None or state.ended) and rid not in self._unqueued:
+            await leave_waiting(self._redis, self._keys, state.record.model, state.record.job.job_id)
+            self._unqueued.add(rid)
+        if state.ended:
+            await self._ended(state, now_ms)
+            return
+        s = self._settings
+        if state.worker is None:
+            if now_ms - state.job_since_ms > s.first_event_timeout_s * 1000:
+                await self._fail(state, 504, "queue_timeout", f"No worker started the response's job within "
+                                 f"{s.first_event_timeout_s:.0f} s.")
+        elif state.worker not in live:
+            if not state.had_delta and state.attempts < MAX_RESUBMITS:
+                await self._resubmit(state)
+            else:
+                await self._fail(state, 502, "worker_lost", f"The worker running this response ({state.worker}) "
+                                 "stopped before it finished; the answer is incomplete. Retry the request.")
+        elif now_ms - state.last_ms > s.event_timeout_s * 1000:
+            await self._fail(state, 504, "worker_timeout", f"The worker sent nothing for {s.event_timeout_s:.0f} s; "
+                             "the response was abandoned.")
+
+    async def _ended(self, state: ResponseFold, now_ms: int) -> None:
+        record = state.record
+        if await self._store.mark_ended(record.id, state.status):
+            usage = state.usage() or {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+            self._metrics.responses.labels(state.status).inc()
+            self._metrics.prompt_tokens.labels(record.model).inc(usage["input_tokens"])
+            self._metrics.generation_tokens.labels(record.model).inc(usage["output_tokens"])
+            if record.api_key is not None:
+                await self._count_tokens(record.api_key, usage["total_tokens"])
+            took = ((state.ended_ms or now_ms) - record.created_at * 1000) / 1000
+            code = state.error_code or "-"
+            log.info("response %s job %s model=%s status=%s error=%s attempts=%d input_tokens=%d output_tokens=%d "
+                     "total_s=%.3f", record.id, state.job_id, record.model, state.status, code, state.attempts + 1,
+                     usage["input_tokens"], usage["output_tokens"], took,
+                     extra={"response_id": record.id, "job_id": state.job_id, "model": record.model,
+                            "status": state.status, "prompt_tokens": usage["input_tokens"],
+                            "completion_tokens": usage["output_tokens"], "total_s": round(took, 4)})
+        if record.store:
+            await self._store.close(record.id)
+            self._forget(record.id)
+        elif state.ended_ms is not None and now_ms - state.ended_ms > UNSTORED_LINGER_S * 1000:
+            await self._store.drop(record.id)
+            self._forget(record.id)
+
+    async def _resubmit(self, state: ResponseFold) -> None:
+        record, dead = state.record, state.worker
+        new_id = f"{record.job.job_id}~{state.attempts + 1}"
+        marked = await self._store.append(record.id, Mark(kind="resubmitted", job_id=new_id), if_last=state.last_id)
+        if marked is None:
+            return  # another keeper acted first, or the worker spoke meanwhile: the next tick looks again
+        log.warning("response %s: worker %s died before the first token of job %s; resubmitting as %s", record.id,
+                    dead, state.job_id, new_id, extra={"response_id": record.id, "job_id": new_id})
+        await request_cancel(self._redis, self._keys, state.job_id, self._settings.cancel_ttl_s)
+        job = record.job.model_copy(update={"job_id": new_id, "submitted_at": time.time()})
+        try:
+            await asyncio.to_thread(send_job, self._celery, job, queue_name(job.model))
+        except Exception as exc:  # the mark names a job nobody sent: end the response now, not at a timeout
+            log.warning("response %s: could not resubmit (%s)", record.id, exc)
+            await self._store.append(record.id, Mark(kind="failed", code="resubmit_failed", status=503, message=(
+                f"The worker running this response stopped, and sending it again failed: {exc}")), if_last=marked)
+
+    async def _fail(self, state: ResponseFold, status: int, code: str, message: str) -> None:
+        record = state.record
+        mark = Mark(kind="failed", code=code, message=message, status=status)
+        if await self._store.append(record.id, mark, if_last=state.last_id) is None:
+            return
+        log.warning("response %s job %s failed (%s): %s", record.id, state.job_id, code, message,
+                    extra={"response_id": record.id, "job_id": state.job_id})
+        await request_cancel(self._redis, self._keys, state.job_id, self._settings.cancel_ttl_s)
+
+
+def token_counter(keys: list[NamedKey], count: Callable[[NamedKey, int], Awaitable[None]]
+                  ) -> Callable[[str, int], Awaitable[None]]:
+    """Counts tokens against the API key of that name, if it is still configured."""
+    by_name = {k.name: k for k in keys}
+
+    async def counted(name: str, tokens: int) -> None:
+        key = by_name.get(name)
+        if key is not None:
+            await count(key, tokens)
+
+    return counted
