@@ -321,6 +321,7 @@ def test_a_worker_killed_before_it_started_the_job_costs_nothing(stack: Stack) -
     r = redis.Redis.from_url(stack.redis_url)
     client = client_of(stack.v1)
     held_key = "llmq:test:held:after_claim"
+    r.delete(held_key)  # an earlier test's hold (tests/test_reliability_e2e.py) shares the stack's Redis
     try:
         wait_for(lambda: cards(stack.base_url).get(model, {}).get("workers") == 2, 180, "both workers")
         for attempt in range(30):  # Celery hands each job to whichever worker asks first
