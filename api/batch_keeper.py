@@ -37,6 +37,7 @@ from api.errors import APIError
 from api.files import BATCH_OUTPUT, FileStore, new_file_id
 from api.jobs import send_job
 from api.metrics import Metrics
+from api.ticking import tick_forever
 from broker.batches import CANCELLED, CANCELLING, COMPLETED, EXPIRED, FAILED, FINAL, FINALIZING, IN_PROGRESS, VALIDATING
 from broker.keys import batch_queue_name
 from broker.registry import Registry
@@ -86,24 +87,7 @@ class BatchKeeper:
     # -- ticking
 
     async def _run(self) -> None:
-        unreachable = False
-        while True:
-            self._wake.clear()
-            try:
-                await self._tick()
-                if unreachable:
-                    log.info("batch keeper: Redis reachable again")
-                unreachable = False
-            except (RedisError, OSError) as exc:
-                if not unreachable:
-                    log.warning("batch keeper: Redis unreachable (%s); batches wait until it is back", exc)
-                unreachable = True
-            except Exception:
-                log.exception("batch keeper: a tick failed; the next one retries")
-            try:
-                await asyncio.wait_for(self._wake.wait(), self._settings.batch_tick_s)
-            except TimeoutError:
-                pass
+        await tick_forever(self._tick, self._wake, self._settings.batch_tick_s, log, "batch keeper", "batches")
 
     async def _tick(self) -> None:
         ids = await self._store.open_ids()

@@ -17,7 +17,8 @@ from api.auth import require_api_key
 from api.batch_keeper import BatchKeeper
 from api.batch_store import Batch, BatchCreateRequest, BatchList, BatchStore
 from api.errors import APIError
-from api.files import PURPOSES, FileStore
+from api.files import PURPOSES
+from api.files import StoreDep as FilesDep
 from api.protocol import ERROR_RESPONSES
 
 log = logging.getLogger("llmq.api.batches")
@@ -31,13 +32,8 @@ def _keeper(request: Request) -> BatchKeeper:
     return request.app.state.batch_keeper  # type: ignore[no-any-return]
 
 
-def _files(request: Request) -> FileStore:
-    return request.app.state.files  # type: ignore[no-any-return]
-
-
 StoreDep = Annotated[BatchStore, Depends(_store)]
 KeeperDep = Annotated[BatchKeeper, Depends(_keeper)]
-FilesDep = Annotated[FileStore, Depends(_files)]
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 
 

@@ -33,13 +33,13 @@ from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 from celery import Celery
-from redis.exceptions import RedisError
 
 from api.jobs import MAX_RESUBMITS, send_job
 from api.keys import NamedKey
 from api.metrics import Metrics
 from api.response_events import Mark, ResponseFold
 from api.response_store import ResponseStore
+from api.ticking import tick_forever
 from broker.control import leave_waiting, request_cancel
 from broker.keys import Keys, queue_name
 from broker.registry import Registry
@@ -90,24 +90,7 @@ class ResponseKeeper:
         self._wake.set()
 
     async def _run(self) -> None:
-        unreachable = False
-        while True:
-            self._wake.clear()
-            try:
-                await self.tick()
-                if unreachable:
-                    log.info("response keeper: Redis reachable again")
-                unreachable = False
-            except (RedisError, OSError) as exc:
-                if not unreachable:
-                    log.warning("response keeper: Redis unreachable (%s); responses wait until it is back", exc)
-                unreachable = True
-            except Exception:
-                log.exception("response keeper: a tick failed; the next one retries")
-            try:
-                await asyncio.wait_for(self._wake.wait(), TICK_S)
-            except TimeoutError:
-                pass
+        await tick_forever(self.tick, self._wake, TICK_S, log, "response keeper", "responses")
 
     async def tick(self) -> None:
         ids = await self._store.open_ids()

@@ -29,6 +29,7 @@ class HttpConfig:
     warmup: int = 1
     unique_prompts: bool = False  # number each prompt, so no two share a cached prefix beyond the template's
     response_format: dict[str, Any] | None = None  # a constrained run (``python -m bench constrained``)
+    service_tier: str | None = None  # sent when set (``python -m bench priority``)
     label: str = "http"
 
 
@@ -46,6 +47,8 @@ def payload(cfg: HttpConfig, max_tokens: int | None = None, number: int | None =
     }
     if cfg.response_format is not None:
         body["response_format"] = cfg.response_format
+    if cfg.service_tier is not None:
+        body["service_tier"] = cfg.service_tier
     return body
 
 

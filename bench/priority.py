@@ -26,10 +26,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-import httpx
-
-from bench.http import HttpConfig, one_request, payload
-from bench.stats import Figures, RequestResult, summarise
+from bench.http import HttpConfig, run_async
+from bench.stats import Figures
 
 if TYPE_CHECKING:
     from openai import OpenAI
@@ -120,34 +118,12 @@ def batch_jsonl(model: str, lines: int, max_tokens: int) -> bytes:
 
 # -- the interactive clients ---------------------------------------------------
 
-async def _interactive_async(cfg: PriorityConfig, label: str) -> Figures:
-    """``bench http``'s closed loop, with ``service_tier`` in each body."""
-    http = HttpConfig(base_url=cfg.base_url, model=cfg.model, prompt=cfg.prompt, concurrency=cfg.concurrency,
-                      requests=cfg.requests, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-                      api_key=cfg.api_key, unique_prompts=cfg.unique_prompts, label=label)
-    extra = {"service_tier": cfg.service_tier} if cfg.service_tier else {}
-    url = cfg.base_url.rstrip("/") + "/chat/completions"
-    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-    limits = httpx.Limits(max_connections=cfg.concurrency + 1, max_keepalive_connections=0)
-    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=httpx.Timeout(600.0, connect=10.0)) as client:
-        warm = await one_request(client, url, {**payload(http, max_tokens=4), **extra})
-        if warm.error is not None:
-            raise RuntimeError(f"warm-up request to {url} failed: {warm.error}")
-        remaining = iter(range(cfg.requests))
-        results: list[RequestResult] = []
-
-        async def client_loop() -> None:
-            for number in remaining:  # the shared iterator hands each request to exactly one loop
-                results.append(await one_request(client, url, {**payload(http, number=number), **extra}))
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client_loop() for _ in range(min(cfg.concurrency, cfg.requests))))
-        wall = time.perf_counter() - t0
-    return summarise(label, results, wall, cfg.concurrency, cfg.max_tokens)
-
-
 def interactive(cfg: PriorityConfig, label: str) -> Figures:
-    return asyncio.run(_interactive_async(cfg, label))
+    """``bench http``'s closed loop of streaming clients, with the run's ``service_tier``."""
+    return asyncio.run(run_async(HttpConfig(
+        base_url=cfg.base_url, model=cfg.model, prompt=cfg.prompt, concurrency=cfg.concurrency,
+        requests=cfg.requests, max_tokens=cfg.max_tokens, temperature=cfg.temperature, api_key=cfg.api_key,
+        unique_prompts=cfg.unique_prompts, service_tier=cfg.service_tier, label=label)))
 
 
 # -- the batch -------------------------------------------------------------------

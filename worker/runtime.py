@@ -145,8 +145,7 @@ class Runtime:
                 return self._run_line(job)
             return self._run(job)
         except Exception as exc:
-            log.exception("job %s: failed", job.job_id)
-            return self._fail(job, 500, "worker_error", None, f"The worker failed this job: {type(exc).__name__}")
+            return self._crashed(job, exc)
         finally:
             self.publisher.unstream(job.job_id)
             with self._active_lock:
@@ -180,9 +179,8 @@ class Runtime:
         try:
             try:
                 result = self._run(job)
-            except Exception as exc:
-                log.exception("job %s: failed", jid)
-                result = self._fail(job, 500, "worker_error", None, f"The worker failed this job: {type(exc).__name__}")
+            except Exception as exc:  # here, so that its error event is kept with the line's
+                result = self._crashed(job, exc)
         finally:
             events = self.publisher.take(jid)
         if result.get("status") == "duplicate":
@@ -291,6 +289,10 @@ class Runtime:
                                                                prompt_tokens=tokens))])
         log.info("job %s: embedded %d inputs, %d tokens", job.job_id, len(vectors), tokens)
         return {"job_id": job.job_id, "status": "embedded", "prompt_tokens": tokens}
+
+    def _crashed(self, job: Job, exc: Exception) -> dict[str, object]:
+        log.exception("job %s: failed", job.job_id)
+        return self._fail(job, 500, "worker_error", None, f"The worker failed this job: {type(exc).__name__}")
 
     def _fail(self, job: Job, status: int, code: str, param: str | None, message: str) -> dict[str, object]:
         log.info("job %s: refused (%s): %s", job.job_id, code, message)
