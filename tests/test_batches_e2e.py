@@ -226,6 +226,20 @@ def test_flower_shows_batch_lines_as_tasks_without_prompts(stack: Stack) -> None
     try:
         wait_for(lambda: httpx.get(f"{base}/api/workers", auth=auth, timeout=2).status_code == 200, 30, "flower",
                  flower)
+        # Flower records only the task events sent after it asked the workers
+        # for them: first see an interactive job recorded with its name (a new
+        # one each try, as one sent too early is never named).
+        def recording() -> bool:
+            probe = client.chat.completions.create(model=stack.model, max_tokens=2,
+                                                   messages=[{"role": "user", "content": "hi"}])
+            for _ in range(20):
+                info = httpx.get(f"{base}/api/task/info/{probe.id}", auth=auth, timeout=5)
+                if info.status_code == 200 and info.json().get("name"):
+                    return True
+                time.sleep(0.1)
+            return False
+
+        wait_for(recording, 60, "flower recording task events", flower)
         secret = "My secret code is 5521; say hello."
         lines = [{"custom_id": "secret-line", "method": "POST", "url": "/v1/chat/completions",
                   "body": {"model": stack.model, "max_tokens": 4, "messages": [{"role": "user", "content": secret}]}}]
