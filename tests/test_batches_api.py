@@ -219,6 +219,8 @@ def test_refused_lines_go_to_the_error_file_and_the_rest_are_queued_then_finaliz
     running = wait_status(c, batch_id, "in_progress", total=7, failed=5)
     assert running.in_progress_at and running.in_progress_at >= running.created_at
 
+    # The refusals are stored before the chunk's lines are sent: wait for the sends.
+    wait_for(lambda: sum(map(len, queued(r, batch_queue_name(CHAT_MODEL)).values())) >= 2, 30, "lines queued")
     steps = queued(r, batch_queue_name(CHAT_MODEL))
     assert list(steps) == [9], steps  # kombu's lowest step only
     jobs = steps[9]
