@@ -3,7 +3,6 @@ Celery send, the wait for the worker's first event, cancellation."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -20,7 +19,7 @@ from api.errors import APIError, model_not_found, no_live_worker, queue_full, wr
 from api.keys import NamedKey, RateLimiter
 from api.metrics import JobFigures, Metrics
 from api.protocol import ToolChoice
-from api.replies import AnyEvent, ReplyRouter, next_event
+from api.replies import AnyEvent, Mailbox, ReplyRouter, Ticker, next_event
 from broker.celery_app import GENERATE_TASK
 from broker.control import admit, leave_waiting, request_cancel
 from broker.keys import Keys, queue_name
@@ -66,7 +65,7 @@ class RunningJob:
 
     job: Job
     started: Started
-    _queue: asyncio.Queue[AnyEvent]
+    _queue: Mailbox
     _jobs: "Jobs"
     accepted_at: float  # monotonic, when the API took the request
     finished: bool = False
@@ -82,6 +81,7 @@ class RunningJob:
     attempt: int = 0
     public_id: str = ""
     api_key: NamedKey | None = None  # counted against its limits when the job ends
+    _ticker: Ticker | None = None  # while events() runs
 
     def __post_init__(self) -> None:
         self._open_choices = set(range(self.job.n))
@@ -127,35 +127,45 @@ class RunningJob:
         settings = self._jobs.settings
         limit = settings.event_timeout_s
         poll = min(tick_s or limit, settings.heartbeat_ttl_s / 2, limit)
-        silent_since = time.monotonic()
-        while not self.finished:
-            ev = await next_event(self._queue, poll)
-            if ev is not None and ev.job_id != self.job.job_id:
-                continue  # a late event of an attempt given up on
-            if ev is None:
-                if not await self._jobs.worker_alive(self.started.worker):
-                    ev = await self._worker_lost(client_saw_tokens)
-                    if ev is None:  # resubmitted; a new worker has started it
-                        silent_since = time.monotonic()
-                        yield Restarted()
+        # Silence is looked at on ticks of half the poll, so it is seen
+        # between one and one and a half polls after the last event.
+        silent_since = looked_at = time.monotonic()
+        ticker = self._ticker = Ticker(self._queue, poll / 2)
+        try:
+            while not self.finished:
+                ev = await self._queue.get()
+                if ev is not None and ev.job_id != self.job.job_id:
+                    continue  # a late event of an attempt given up on
+                if ev is None:
+                    now = time.monotonic()
+                    if now - looked_at < poll:
                         continue
-                elif time.monotonic() - silent_since < limit:
-                    yield None
-                    continue
-                else:
-                    ev = self._error(504, "worker_timeout", f"The worker sent nothing for {limit:.0f} s; "
-                                     "the job was abandoned.")
-            silent_since = time.monotonic()
-            if isinstance(ev, Delta | Done | Error):
-                self._track(ev)
-            if isinstance(ev, Done):
-                self._open_choices.discard(ev.index)
-            if isinstance(ev, Error):
-                self.failed = True
-            if isinstance(ev, Error) or not self._open_choices:
-                self.finished = True
-            if isinstance(ev, Delta | Done | Error):
-                yield ev
+                    looked_at = now
+                    if not await self._jobs.worker_alive(self.started.worker):
+                        ev = await self._worker_lost(client_saw_tokens)
+                        if ev is None:  # resubmitted; a new worker has started it
+                            silent_since = looked_at = time.monotonic()
+                            yield Restarted()
+                            continue
+                    elif now - silent_since < limit:
+                        yield None
+                        continue
+                    else:
+                        ev = self._error(504, "worker_timeout", f"The worker sent nothing for {limit:.0f} s; "
+                                         "the job was abandoned.")
+                silent_since = looked_at = time.monotonic()
+                if isinstance(ev, Delta | Done | Error):
+                    self._track(ev)
+                if isinstance(ev, Done):
+                    self._open_choices.discard(ev.index)
+                if isinstance(ev, Error):
+                    self.failed = True
+                if isinstance(ev, Error) or not self._open_choices:
+                    self.finished = True
+                if isinstance(ev, Delta | Done | Error):
+                    yield ev
+        finally:
+            ticker.cancel()
 
     def _error(self, status: int, code: str, message: str) -> Error:
         return Error(job_id=self.job.job_id, seq=0, status=status, error_type="server_error", code=code,
@@ -184,6 +194,8 @@ class RunningJob:
         """Always called: cancels the job on the worker unless it finished,
         then records the request's metrics and its one log line."""
         cancelled = not self.finished
+        if self._ticker is not None:  # events() was left at a yield, not run to its end
+            self._ticker.cancel()
         await self._jobs.release(self.job.job_id, cancel=cancelled)
         now = time.monotonic()
         status = "cancelled" if cancelled else f"error:{self._error_code}" if self.failed else ",".join(self._reasons)
@@ -290,7 +302,7 @@ class Jobs:
             raise error_from_event(first)
         raise APIError(500, f"The worker's first event was {first.type}, not started.", type="server_error")
 
-    async def _first_event(self, q: asyncio.Queue[AnyEvent], job_id: str,
+    async def _first_event(self, q: Mailbox, job_id: str,
                            client_gone: Callable[[], Awaitable[bool]] | None = None) -> AnyEvent:
         """The first event of ``job_id`` (a shared queue may still hold an
         earlier attempt's). Raises 504 if none comes in time, 499 if the
@@ -305,7 +317,7 @@ class Jobs:
         raise APIError(504, f"No worker started the job within {self.settings.first_event_timeout_s:.0f} s.",
                        type="server_error", code="queue_timeout")
 
-    async def resubmit(self, job: Job, q: asyncio.Queue[AnyEvent], attempt: int) -> tuple[Job, Started]:
+    async def resubmit(self, job: Job, q: Mailbox, attempt: int) -> tuple[Job, Started]:
         """Send ``job`` again under a new id whose events feed the same queue."""
         await self.release(job.job_id, cancel=True)  # in case the old worker was only slow
         again = job.model_copy(update={"job_id": f"{job.job_id.split('~')[0]}~{attempt}", "submitted_at": time.time()})

@@ -18,12 +18,15 @@ log = logging.getLogger("llmq.api.replies")
 
 RESUBSCRIBE_DELAY_S = 0.5
 
+# A job's events, and the None ticks its follower asks for (``Ticker``).
+Mailbox = asyncio.Queue[AnyEvent | None]
+
 
 class ReplyRouter:
     def __init__(self, r: aioredis.Redis, channel: str) -> None:
         self._redis = r
         self.channel = channel
-        self._queues: dict[str, asyncio.Queue[AnyEvent]] = {}
+        self._queues: dict[str, Mailbox] = {}
         self._task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
 
@@ -42,13 +45,13 @@ class ReplyRouter:
             except asyncio.CancelledError:
                 pass
 
-    def open(self, job_id: str) -> asyncio.Queue[AnyEvent]:
+    def open(self, job_id: str) -> Mailbox:
         """Register a job before its task is sent, so no event can be missed."""
-        q: asyncio.Queue[AnyEvent] = asyncio.Queue()
+        q: Mailbox = asyncio.Queue()
         self._queues[job_id] = q
         return q
 
-    def attach(self, job_id: str, q: asyncio.Queue[AnyEvent]) -> None:
+    def attach(self, job_id: str, q: Mailbox) -> None:
         """Route a resubmitted job's events into an existing queue."""
         self._queues[job_id] = q
 
@@ -82,20 +85,53 @@ class ReplyRouter:
         pubsub = self._redis.pubsub()
         try:
             await pubsub.subscribe(self.channel)
-            self._subscribed.set()
-            async for message in pubsub.listen():
-                if message["type"] != "message":
+            conn = pubsub.connection
+            assert conn is not None
+            # Replies are read straight off the subscribed connection: this
+            # runs once per token, and redis-py's listen() adds a health check,
+            # a retry wrapper and a message dict per reply. A lost connection
+            # raises here, and _run fails the open jobs and subscribes anew.
+            while True:
+                reply = await conn.read_response(disconnect_on_error=False)
+                if reply[0] == b"subscribe":
+                    self._subscribed.set()
+                    continue
+                if reply[0] != b"message":
                     continue
                 try:
-                    yield parse_event(message["data"])
+                    yield parse_event(reply[2])
                 except ValidationError as exc:
                     log.error("dropped a malformed event on %s: %s", self.channel, exc)
         finally:
             await pubsub.aclose()
 
 
-async def next_event(q: asyncio.Queue[AnyEvent], timeout_s: float) -> AnyEvent | None:
+async def next_event(q: Mailbox, timeout_s: float) -> AnyEvent | None:
+    """The next event, or None after ``timeout_s``. Runs once per token:
+    an event already queued is taken at once, and the wait is a timer on this
+    task (``asyncio.timeout``), not a new task per event as ``wait_for`` makes."""
+    if not q.empty():
+        return q.get_nowait()
     try:
-        return await asyncio.wait_for(q.get(), timeout=timeout_s)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(timeout_s):
+            return await q.get()
+    except TimeoutError:
         return None
+
+
+class Ticker:
+    """Puts None in a mailbox every ``every_s`` seconds until cancelled: one
+    timer per job, where a timeout on every wait would cost one per token."""
+
+    def __init__(self, q: Mailbox, every_s: float) -> None:
+        self._q = q
+        self._every_s = every_s
+        self._loop = asyncio.get_running_loop()
+        self._handle = self._loop.call_later(every_s, self._tick)
+
+    def _tick(self) -> None:
+        self._q.put_nowait(None)
+        self._handle = self._loop.call_later(self._every_s, self._tick)
+
+    def cancel(self) -> None:
+        self._handle.cancel()

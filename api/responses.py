@@ -18,7 +18,6 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
-from sse_starlette import EventSourceResponse
 
 from api.auth import require_api_key
 from api.errors import unsupported
@@ -27,6 +26,7 @@ from api.response_events import ResponseFold
 from api.response_protocol import ResponseCreateRequest, StoredResponse
 from api.response_service import Follow, ResponseGone, Responses, error_of
 from api.routes import JOB_ID_HEADER
+from api.serving import TokenStream
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 
@@ -69,9 +69,9 @@ async def _stream(responses: Responses, record: StoredResponse, head: list[dict[
             await asyncio.shield(responses.give_up(record, state))
 
 
-def _sse_response(events: AsyncIterator[dict[str, str]], record: StoredResponse) -> EventSourceResponse:
+def _sse_response(events: AsyncIterator[dict[str, str]], record: StoredResponse) -> TokenStream:
     # sep="\n": OpenAI frames events as "event: ...\ndata: {...}\n\n".
-    return EventSourceResponse(events, sep="\n", headers={JOB_ID_HEADER: record.id})
+    return TokenStream(events, sep="\n", headers={JOB_ID_HEADER: record.id})
 
 
 @router.post("/responses")

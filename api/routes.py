@@ -10,7 +10,6 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-from sse_starlette import EventSourceResponse
 
 from api.auth import require_api_key
 from api.deps import JobsDep, RegistryDep
@@ -29,7 +28,7 @@ from api.protocol import (
     ModelCard,
     ModelList,
 )
-from api.serving import ChatShape, CompletionShape, Shape, collect, stream
+from api.serving import ChatShape, CompletionShape, Shape, TokenStream, collect, stream
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 
@@ -62,7 +61,7 @@ async def _answer(run: RunningJob, shape: Shape, stream_it: bool, include_usage:
     headers = {JOB_ID_HEADER: run.job_id}
     if stream_it:
         # sep="\n": OpenAI frames events as "data: {...}\n\n".
-        return EventSourceResponse(stream(run, shape, include_usage), sep="\n", headers=headers)
+        return TokenStream(stream(run, shape, include_usage), sep="\n", headers=headers)
     body = await collect(run, shape, request)
     return JSONResponse(body, headers=headers)
 

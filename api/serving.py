@@ -15,7 +15,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from sse_starlette import EventSourceResponse
 from starlette.requests import Request
+from starlette.types import Message, Send
 
 from api.errors import APIError
 from api.jobs import Restarted, RunningJob, error_from_event
@@ -83,10 +85,12 @@ class Answered(Protocol):
 
 
 class Shape(Protocol):
-    def first(self, run: RunningJob, index: int) -> dict[str, Any] | None: ...
-    def delta(self, run: RunningJob, ev: Delta) -> dict[str, Any]: ...
-    def final(self, run: RunningJob, done: Done) -> dict[str, Any]: ...
-    def usage(self, run: RunningJob, usage: UsageInfo) -> dict[str, Any]: ...
+    # Streamed chunks come as JSON text, serialized by pydantic in one call:
+    # they are made once per token.
+    def first(self, run: RunningJob, index: int) -> str | None: ...
+    def delta(self, run: RunningJob, ev: Delta) -> str: ...
+    def final(self, run: RunningJob, done: Done) -> str: ...
+    def usage(self, run: RunningJob, usage: UsageInfo) -> str: ...
     def body(self, run: Answered, choices: list[ChoiceResult], usage: UsageInfo) -> dict[str, Any]: ...
 
 
@@ -112,28 +116,30 @@ class ChatShape:
             for t in items
         ])
 
-    def _chunk(self, run: RunningJob, choice: ChatChunkChoice) -> dict[str, Any]:
-        return ChatCompletionChunk(id=run.job_id, created=run.created, model=run.job.model,
-                                   service_tier=tier_of(run.job.priority), choices=[choice]).model_dump()
+    def _chunk(self, run: RunningJob, choice: ChatChunkChoice) -> str:
+        # Built from values the API made itself, so not validated again (once per token).
+        return ChatCompletionChunk.model_construct(
+            id=run.job_id, created=run.created, model=run.job.model, service_tier=tier_of(run.job.priority),
+            choices=[choice]).model_dump_json()
 
-    def first(self, run: RunningJob, index: int) -> dict[str, Any]:
+    def first(self, run: RunningJob, index: int) -> str:
         return self._chunk(run, ChatChunkChoice(index=index, delta={"role": "assistant", "content": ""}))
 
-    def delta(self, run: RunningJob, ev: Delta) -> dict[str, Any]:
+    def delta(self, run: RunningJob, ev: Delta) -> str:
         # OpenAI omits unset delta fields: the role only in the first chunk,
         # content only when there is text or no call.
         lp = self.logprobs(ev.logprobs) if ev.logprobs is not None else None
         delta: dict[str, Any] = {"content": ev.text} if ev.text or not ev.tool_calls else {}
         if ev.tool_calls:
             delta["tool_calls"] = [_call_piece(p) for p in ev.tool_calls]
-        return self._chunk(run, ChatChunkChoice(index=ev.index, delta=delta, logprobs=lp))
+        return self._chunk(run, ChatChunkChoice.model_construct(index=ev.index, delta=delta, logprobs=lp))
 
-    def final(self, run: RunningJob, done: Done) -> dict[str, Any]:
+    def final(self, run: RunningJob, done: Done) -> str:
         return self._chunk(run, ChatChunkChoice(index=done.index, delta={}, finish_reason=done.finish_reason))
 
-    def usage(self, run: RunningJob, usage: UsageInfo) -> dict[str, Any]:
+    def usage(self, run: RunningJob, usage: UsageInfo) -> str:
         return ChatCompletionChunk(id=run.job_id, created=run.created, model=run.job.model, choices=[],
-                                   service_tier=tier_of(run.job.priority), usage=usage).model_dump()
+                                   service_tier=tier_of(run.job.priority), usage=usage).model_dump_json()
 
     @staticmethod
     def message(c: ChoiceResult) -> ChatMessageOut:
@@ -166,23 +172,23 @@ class CompletionShape:
             top_logprobs=[dict(t.top) for t in items], text_offset=offsets,
         )
 
-    def _chunk(self, run: RunningJob, choice: CompletionChoice) -> dict[str, Any]:
+    def _chunk(self, run: RunningJob, choice: CompletionChoice) -> str:
         return Completion(id=run.job_id, created=run.created, model=run.job.model, choices=[choice],
-                          service_tier=tier_of(run.job.priority)).model_dump(exclude={"usage"})
+                          service_tier=tier_of(run.job.priority)).model_dump_json(exclude={"usage"})
 
     def first(self, run: RunningJob, index: int) -> None:
         return None
 
-    def delta(self, run: RunningJob, ev: Delta) -> dict[str, Any]:
+    def delta(self, run: RunningJob, ev: Delta) -> str:
         lp = self.logprobs(ev.logprobs, 0) if ev.logprobs is not None else None
         return self._chunk(run, CompletionChoice(index=ev.index, text=ev.text, logprobs=lp))
 
-    def final(self, run: RunningJob, done: Done) -> dict[str, Any]:
+    def final(self, run: RunningJob, done: Done) -> str:
         return self._chunk(run, CompletionChoice(index=done.index, text="", finish_reason=done.finish_reason))
 
-    def usage(self, run: RunningJob, usage: UsageInfo) -> dict[str, Any]:
+    def usage(self, run: RunningJob, usage: UsageInfo) -> str:
         return Completion(id=run.job_id, created=run.created, model=run.job.model, choices=[],
-                          service_tier=tier_of(run.job.priority), usage=usage).model_dump()
+                          service_tier=tier_of(run.job.priority), usage=usage).model_dump_json()
 
     def body(self, run: Answered, choices: list[ChoiceResult], usage: UsageInfo) -> dict[str, Any]:
         wants = run.job.sampling.logprobs is not None
@@ -215,11 +221,25 @@ def replay(answered: Answered, shape: Shape, events: list[AnyEvent]) -> dict[str
     return shape.body(answered, choices, usage_info(prompt_tokens, completion_tokens))
 
 
-def _sse(payload: dict[str, Any] | str) -> dict[str, str]:
-    return {"data": payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))}
+class TokenStream(EventSourceResponse):
+    """sse-starlette's response, less the anyio cancel scope that it opens
+    around every send to apply ``send_timeout``: with no timeout set (as
+    here) the scope can never fire, and at one event per token it was the
+    largest cost of a streamed token in the API process."""
+
+    async def _send_with_timeout(self, send: Send, message: Message) -> None:
+        if self.send_timeout is None:
+            await send(message)
+        else:
+            await super()._send_with_timeout(send, message)
 
 
-async def stream(run: RunningJob, shape: Shape, include_usage: bool) -> AsyncIterator[dict[str, str]]:
+def _sse(data: str) -> bytes:
+    """One SSE event, framed here: sse-starlette passes bytes through as they are."""
+    return b"data: " + data.encode() + b"\n\n"
+
+
+async def stream(run: RunningJob, shape: Shape, include_usage: bool) -> AsyncIterator[bytes]:
     """SSE events for one job. The ``finally`` cancels the job when the
     client leaves (Starlette cancels this generator then)."""
     completion_tokens = 0
@@ -238,7 +258,7 @@ async def stream(run: RunningJob, shape: Shape, include_usage: bool) -> AsyncIte
             elif isinstance(ev, Error):
                 # Mid-stream errors keep OpenAI's error shape; the SDK raises on them.
                 run.metrics.observe_error(ev.status, ev.code)
-                yield _sse(error_from_event(ev).body())
+                yield _sse(json.dumps(error_from_event(ev).body(), separators=(",", ":")))
         if include_usage and run.finished and not run.failed:
             yield _sse(shape.usage(run, usage_info(run.started.prompt_tokens, completion_tokens)))
         yield _sse("[DONE]")

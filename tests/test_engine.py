@@ -29,6 +29,10 @@ class RecordingPublisher:
             self.calls.append(list(events))
         return [1] * len(events)
 
+    def send(self, events):  # type: ignore[no-untyped-def]
+        self.publish(events)
+        return set()
+
 
 @pytest.fixture(scope="module")
 def engine_and_publisher():  # type: ignore[no-untyped-def]

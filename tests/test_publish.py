@@ -46,3 +46,22 @@ def test_streamed_events_are_appended_capped_and_expire(r: redis.Redis) -> None:
     pub.publish([("", Delta(job_id="a", seq=400, text=".", completion_tokens=400))])
     last = parse_event(r.xrevrange("llmq:test:stream:a", count=1)[0][1][STREAM_FIELD.encode()])
     assert last.seq == 399
+
+
+def test_sent_events_are_published_and_an_unheard_job_is_named_on_a_later_call(r: redis.Redis) -> None:
+    """``send`` does not wait for Redis: the replies of one call are read on
+    the next, which names the jobs whose events no subscriber heard."""
+    pub = Publisher(r)
+    sub = r.pubsub()
+    sub.subscribe("heard")
+    assert sub.get_message(timeout=1)["type"] == "subscribe"
+    first = [("heard", Delta(job_id="a", seq=1, text="x", completion_tokens=1)),
+             ("nobody", Delta(job_id="b", seq=1, text="y", completion_tokens=1))]
+    assert pub.send(first) == set()  # nothing read back yet
+    assert pub.send([("heard", Delta(job_id="a", seq=2, text="z", completion_tokens=2))]) == {"b"}
+    got = [sub.get_message(timeout=1) for _ in range(2)]
+    assert [parse_event(m["data"]).seq for m in got if m] == [1, 2]
+    # A waiting publish reads the replies still unread before its own.
+    assert pub.publish([("nobody", Delta(job_id="c", seq=1, text=".", completion_tokens=1))]) == [0]
+    assert pub.send([]) == set()  # job a's last event was heard
+    pub.close()

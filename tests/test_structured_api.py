@@ -6,6 +6,7 @@ workers: requests go through the real app with a stand-in job service."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -309,7 +310,8 @@ def test_text_beside_calls_is_kept() -> None:
 
 def test_stream_chunks_parse_as_openai_chunks() -> None:
     run, shape = running(), ChatShape()
-    chunks = [shape.first(run, 0), *(shape.delta(run, ev) for ev in TWO_CALLS), shape.final(run, done())]
+    texts = [shape.first(run, 0), *(shape.delta(run, ev) for ev in TWO_CALLS), shape.final(run, done())]
+    chunks = [json.loads(t) for t in texts]  # streamed chunks come as the JSON text sent
     deltas = [c["choices"][0]["delta"] for c in chunks]
     assert deltas[1] == {"content": "\n"}
     assert deltas[2] == {"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
@@ -322,7 +324,7 @@ def test_stream_chunks_parse_as_openai_chunks() -> None:
                    if p.index == 0 and p.function is not None)
     assert args == '{"city": "Paris"}'
     mixed = shape.delta(run, delta("ok", ToolCallDelta(index=0, id="call_c", name="get_time")))
-    assert set(oa.ChatCompletionChunk.model_validate(mixed).choices[0].delta.model_dump(exclude_none=True)) == {
+    assert set(oa.ChatCompletionChunk.model_validate_json(mixed).choices[0].delta.model_dump(exclude_none=True)) == {
         "content", "tool_calls"}
 
 
@@ -349,13 +351,19 @@ def scripted(events: list[Delta | Done | Error]) -> ScriptedRun:
     return run
 
 
+def _data(event: bytes) -> str:
+    """The data of one framed SSE event."""
+    assert event.startswith(b"data: ") and event.endswith(b"\n\n")
+    return event[6:-2].decode()
+
+
 def test_collect_and_stream_carry_tool_calls() -> None:
     events: list[Delta | Done | Error] = [*TWO_CALLS, done()]
 
     async def both() -> tuple[dict[str, Any], list[str]]:
         body = await collect(scripted(events), ChatShape(), request=None)  # type: ignore[arg-type]
         shape: Shape = ChatShape()
-        sent = [e["data"] async for e in stream(scripted(events), shape, include_usage=False)]
+        sent = [_data(e) async for e in stream(scripted(events), shape, include_usage=False)]
         return body, sent
 
     body, sent = asyncio.run(both())

@@ -1,5 +1,5 @@
 """Publishing events to API reply channels: a whole engine step in one
-pipeline, never one round trip per token.
+write, and the engines' token events without waiting for Redis's replies.
 
 A batch line's events are kept instead (``keep``/``take``): nobody listens
 to a batch, and its worker stores the line's result once, at its end
@@ -13,6 +13,7 @@ whole answer there."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 
@@ -20,10 +21,22 @@ import redis
 
 from broker.schemas import STREAM_EVENT_FIELD, AnyEvent, Delta, Done, Started
 
+log = logging.getLogger("llmq.worker.publish")
+
+Command = tuple[str | int, ...]
+
 
 class Publisher:
     def __init__(self, r: redis.Redis, stream_max_events: int = 100_000, stream_ttl_s: int = 30 * 24 * 3600) -> None:
-        self._redis = r
+        # This publisher's own connection: a step's commands go out in one
+        # write and their replies are read back, without the pool's
+        # get/release (each with a health poll of the socket) and the
+        # pipeline object that redis-py builds per call: this runs once per
+        # token at one client, and its CPU is taken from the engine.
+        self._conn = r.connection_pool.make_connection()
+        self._conn_lock = threading.Lock()  # also guards the two below
+        self._unread: list[str | None] = []  # per command sent and not read back: the job its reply counts for
+        self._gone: set[str] = set()  # jobs whose events reached no subscriber, not yet told
         self._stream_max = stream_max_events
         self._stream_ttl_s = stream_ttl_s
         self._kept: dict[str, list[AnyEvent]] = {}
@@ -50,42 +63,101 @@ class Publisher:
             return merge(self._kept.pop(job_id, []))
 
     def publish(self, events: Sequence[tuple[str, AnyEvent]]) -> list[int]:
-        """Publish in order; returns, per event, how many subscribers got it
-        (a kept or streamed event counts at least one: its job must not
-        look abandoned, since its stream keeps it for a client to come)."""
+        """Publish in order and wait for Redis; returns, per event, how many
+        subscribers got it (a kept or streamed event counts at least one: its
+        job must not look abandoned, since its stream keeps it for a client
+        to come)."""
         counts = [1] * len(events)
-        sent: list[tuple[int, str | None]] = []  # event index, its stream
-        with self._lock:
-            for i, (_, event) in enumerate(events):
-                kept = self._kept.get(event.job_id)
-                if kept is not None:
-                    kept.append(event)
-                else:
-                    sent.append((i, self._streams.get(event.job_id)))
-        if not sent:
-            return counts
-        published: list[int] = []  # event indexes whose PUBLISH reply counts subscribers
-        with self._redis.pipeline(transaction=False) as pipe:
-            for i, key in sent:
-                channel, event = events[i]
-                data = event.model_dump_json()
-                if channel:
-                    pipe.publish(channel, data)
-                    published.append(i)
-                if key is not None:
-                    pipe.xadd(key, {STREAM_EVENT_FIELD: data}, maxlen=self._stream_max, approximate=True)
-                    pipe.expire(key, self._stream_ttl_s)
-            replies = pipe.execute()
-        # Replies come in command order: a PUBLISH's count, an XADD's id and an EXPIRE's flag.
-        at = 0
-        for i, key in sent:
-            channel = events[i][0]
-            if channel:
-                counts[i] = int(replies[at]) if key is None else max(1, int(replies[at]))
-                at += 1
-            if key is not None:
-                at += 2
+        commands, owners = self._commands(events)
+        if commands:
+            for owner, reply in zip(owners, self._execute(commands, wait=True)):
+                if owner is not None:
+                    counts[owner] = int(reply)  # type: ignore[call-overload]
         return counts
+
+    def send(self, events: Sequence[tuple[str, AnyEvent]]) -> set[str]:
+        """Publish in order without waiting for Redis: the engines' token
+        events. Their replies are read on the next call, from the socket's
+        buffer, so the caller does not sleep and wake again on every token
+        (at one client that wake cost as much CPU as the publish). Returns the
+        jobs whose events, sent before, reached no subscriber."""
+        commands, owners = self._commands(events)
+        self._execute(commands, wait=False, jobs=[None if i is None else events[i][1].job_id for i in owners])
+        with self._conn_lock:
+            gone, self._gone = self._gone, set()
+        return gone
+
+    def _commands(self, events: Sequence[tuple[str, AnyEvent]]) -> tuple[list[Command], list[int | None]]:
+        """The commands for the events that are not kept and, per command,
+        the event whose subscriber count its reply is (None: not counted)."""
+        commands: list[Command] = []
+        owners: list[int | None] = []
+        with self._lock:
+            sent = [(i, self._streams.get(event.job_id)) for i, (_, event) in enumerate(events)
+                    if not self._keep(event)]
+        for i, key in sent:
+            channel, event = events[i]
+            data = event.model_dump_json()
+            if channel:
+                commands.append(("PUBLISH", channel, data))
+                owners.append(i if key is None else None)  # a streamed event is heard by its stream
+            if key is not None:
+                commands += [("XADD", key, "MAXLEN", "~", self._stream_max, "*", STREAM_EVENT_FIELD, data),
+                             ("EXPIRE", key, self._stream_ttl_s)]
+                owners += [None, None]
+        return commands, owners
+
+    def _keep(self, event: AnyEvent) -> bool:
+        kept = self._kept.get(event.job_id)
+        if kept is not None:
+            kept.append(event)
+        return kept is not None
+
+    def _execute(self, commands: list[Command], *, wait: bool, jobs: list[str | None] | None = None
+                 ) -> list[object]:
+        """Reads the replies of earlier ``send`` calls, then sends the
+        commands in one write and, with ``wait``, returns their replies.
+        Without, ``jobs`` (per command, the job its reply counts for) wait in
+        ``_unread``. A broken
+        connection is dropped and the write retried on a new one, as the
+        connection's retry policy says; unread replies are lost with it."""
+        conn = self._conn
+
+        def roundtrip() -> list[object]:
+            self._read_unread()
+            if commands:
+                conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            if wait:
+                return [conn.read_response() for _ in commands]
+            assert jobs is not None
+            self._unread += jobs
+            return []
+
+        def drop(_: Exception) -> None:
+            self._unread.clear()
+            conn.disconnect()
+
+        with self._conn_lock:
+            try:
+                return conn.retry.call_with_retry(roundtrip, drop)
+            except BaseException:
+                drop(RuntimeError())
+                raise
+
+    def _read_unread(self) -> None:
+        """The replies of earlier sends; a PUBLISH that reached nobody names its job in ``_gone``."""
+        unread, self._unread = self._unread, []
+        for job_id in unread:
+            try:
+                reply = self._conn.read_response()
+            except redis.ResponseError as exc:  # one command failed; its connection is fine
+                log.error("an event's command failed in Redis: %s", exc)
+                continue
+            if job_id is not None and reply == 0:
+                self._gone.add(job_id)
+
+    def close(self) -> None:
+        self._conn.disconnect()
 
 
 def merge(events: list[AnyEvent]) -> list[AnyEvent]:

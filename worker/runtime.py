@@ -88,6 +88,7 @@ class Runtime:
             engine.stop()
         if self.redelivery is not None:  # its heartbeat tick has stopped with the heart
             self.redelivery.close()
+        self.publisher.close()  # after the engines: their stop publishes the last errors
 
     def heartbeat(self) -> Heartbeat:
         engines = self._engines

@@ -208,7 +208,7 @@ class Emitter:
     # ---------------------------------------------------------------- events
 
     def publish(self, updates: Sequence[Update]) -> None:
-        """One step's updates as events, in one pipeline."""
+        """One step's updates as events, in one write to Redis."""
         now = time.monotonic()
         batch: list[tuple[Choice, Delta | Done | Error]] = []
         finished: list[Choice] = []
@@ -242,11 +242,11 @@ class Emitter:
         with self._lock:
             self._recent.append((now, new_tokens))
         try:
-            if batch:
-                listeners = self._publisher.publish([(c.job.reply_channel, ev) for c, ev in batch])
-                gone = {c.job.job_id for (c, _), n in zip(batch, listeners) if n == 0 and c not in finished}
-                for job_id in gone:
-                    # No API process listens on the reply channel: nobody will read this job.
+            # No API process listened on the reply channel of these jobs'
+            # earlier events (read back now, see Publisher.send): nobody will
+            # read them.
+            for job_id in self._publisher.send([(c.job.reply_channel, ev) for c, ev in batch]):
+                if self.of_job(job_id):
                     log.warning("job %s: its reply channel has no subscriber, cancelling", job_id)
                     self._cancel(job_id)
         finally:

@@ -30,24 +30,21 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import aiohttp
 import httpx
 
 from broker.schemas import FinishReason, Job, TokenLogprob
 from worker.engines import EngineOptions
 from worker.engines.base import Choice, Emitter, LoopBatcher, Refused, StepClock, Update, choices_of
+from worker.engines.sse_client import post_events
 from worker.grammar import JSON_OBJECT, check_spec, spec_of
 from worker.loading import ModelLoadError, ModelSpec, load_tokenizer
 from worker.publish import Publisher
 from worker.toolcalls import format_for
 
 log = logging.getLogger("llmq.worker.engines.llamacpp")
-
-T = TypeVar("T")
 
 DEFAULT_BINARY = Path(__file__).resolve().parents[2] / ".engines" / "llama-server"  # scripts/install-llamacpp.sh
 STARTUP_TIMEOUT_S = 300.0
@@ -129,7 +126,7 @@ class LlamaCppEngine:
         self.tool_format = format_for(self.tokenizer, options.tool_call_parser)
         self.emitter = Emitter(publisher, self.cancel, self.tool_format)
         self._stopping = threading.Event()
-        port = _free_port()
+        self.port = port = _free_port()
         self.base_url = f"http://127.0.0.1:{port}"
         self.log_path = Path(tempfile.gettempdir()) / f"llmq-llama-server-{os.getpid()}-{port}.log"
         argv = server_argv(exe, spec, options, port)
@@ -149,7 +146,6 @@ class LlamaCppEngine:
                                              daemon=True)
         self._loop_thread.start()
         self._out = LoopBatcher(self._loop, self.emitter.publish)
-        self._session: aiohttp.ClientSession = self._call(self._make_session())
         self._tasks: dict[str, asyncio.Task[None]] = {}  # request id -> its stream (loop thread only)
         self._clock = StepClock()
         log.info("llama.cpp engine for %s: pid %d, %d slots of %d tokens", ",".join(self.names), self.proc.pid,
@@ -177,21 +173,6 @@ class LlamaCppEngine:
         except OSError:
             return "(no log)"
 
-    async def _make_session(self) -> aiohttp.ClientSession:
-        # aiohttp, not httpx, for the token streams: reading and parsing one
-        # streamed token took 80-95 us of CPU with aiohttp's C parser against
-        # 200-280 us with httpx's (h11, pure Python), CPU that llama-server's
-        # own threads need on a small machine.
-        # force_close: llama-server now and then closes a kept-alive
-        # connection after a streamed answer, and the next request on it fails
-        # ("Server disconnected"; seen 1 in 8 here). A new local connection
-        # per choice costs well under a millisecond.
-        return aiohttp.ClientSession(self.base_url, timeout=aiohttp.ClientTimeout(total=None, connect=10),
-                                     connector=aiohttp.TCPConnector(force_close=True))
-
-    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = 30) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
-
     # ------------------------------------------------------------ control
 
     def start(self) -> None:
@@ -202,10 +183,6 @@ class LlamaCppEngine:
         n = self.emitter.fail_all(503, "worker_shutdown", "The worker running this job shut down before it finished.")
         if n:
             log.warning("stopped with %d running job(s); they ended with an error", n)
-        try:
-            self._call(self._session.close(), timeout=5)
-        except Exception:
-            log.warning("closing the llama-server connections failed", exc_info=True)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(timeout=5)
         self.proc.terminate()
@@ -272,38 +249,38 @@ class LlamaCppEngine:
     async def _stream(self, choice: Choice, body: dict[str, Any]) -> None:
         k = choice.job.sampling.logprobs
         counted = 0
+
+        def on_event(data: bytes) -> bool:
+            """One message of llama-server's stream; True at its last."""
+            nonlocal counted
+            msg = json.loads(data)
+            if "error" in msg:
+                raise RuntimeError(f"llama-server: {msg['error']}")
+            self._clock.tick()
+            if msg.get("stop"):
+                finish = FINISH.get(msg.get("stop_type", ""))
+                if finish is None:
+                    raise RuntimeError(f"llama-server ended the stream ({msg.get('stop_type')})")
+                self._out.put([Update(choice, text=msg.get("content", ""), finish=finish,
+                                      tokens=max(int(msg.get("tokens_predicted", counted)) - counted, 0))])
+                return True
+            tokens = len(msg.get("tokens") or ())
+            if tokens or msg.get("content"):  # not the stream's opening message or a progress report
+                counted += tokens
+                self._out.put([Update(choice, text=msg.get("content", ""), tokens=tokens,
+                                      logprobs=_logprobs(msg.get("completion_probabilities"), k))])
+            return False
+
         try:
-            async with self._session.post("/completion", json=body) as resp:
-                if resp.status != 200:
-                    detail = (await resp.read()).decode(errors="replace")[:300]
-                    raise RuntimeError(f"llama-server answered {resp.status}: {detail}")
-                async for line in resp.content:  # one SSE line at a time
-                    if not line.startswith(b"data: "):
-                        continue
-                    msg = json.loads(line[6:])
-                    if "error" in msg:
-                        raise RuntimeError(f"llama-server: {msg['error']}")
-                    self._clock.tick()
-                    if msg.get("stop"):
-                        finish = FINISH.get(msg.get("stop_type", ""))
-                        if finish is None:
-                            raise RuntimeError(f"llama-server ended the stream ({msg.get('stop_type')})")
-                        self._out.put([Update(choice, text=msg.get("content", ""), finish=finish,
-                                               tokens=max(int(msg.get("tokens_predicted", counted)) - counted, 0))])
-                        return
-                    tokens = len(msg.get("tokens") or ())
-                    if not tokens and not msg.get("content"):
-                        continue  # the stream's opening message, or a progress report
-                    counted += tokens
-                    self._out.put([Update(choice, text=msg.get("content", ""), tokens=tokens,
-                                           logprobs=_logprobs(msg.get("completion_probabilities"), k))])
-            raise RuntimeError("llama-server closed the stream before the end")
+            # A connection per choice, closed at its end: llama-server now and
+            # then drops a kept-alive connection after a streamed answer, and
+            # a new local connection costs well under a millisecond.
+            await post_events("127.0.0.1", self.port, "/completion", json.dumps(body).encode(), on_event)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.warning("job %s: llama.cpp failed choice %d: %s", choice.job.job_id, choice.index, exc)
             self._out.put([Update(choice, error=f"{type(exc).__name__}: {exc}")])
-
 
 
 def _logprobs(entries: Any, k: int | None) -> list[TokenLogprob] | None:
