@@ -117,10 +117,8 @@ class ChatShape:
         ])
 
     def _chunk(self, run: RunningJob, choice: ChatChunkChoice) -> str:
-        # Built from values the API made itself, so not validated again (once per token).
-        return ChatCompletionChunk.model_construct(
-            id=run.job_id, created=run.created, model=run.job.model, service_tier=tier_of(run.job.priority),
-            choices=[choice]).model_dump_json()
+        return ChatCompletionChunk(id=run.job_id, created=run.created, model=run.job.model,
+                                   service_tier=tier_of(run.job.priority), choices=[choice]).model_dump_json()
 
     def first(self, run: RunningJob, index: int) -> str:
         return self._chunk(run, ChatChunkChoice(index=index, delta={"role": "assistant", "content": ""}))
@@ -132,7 +130,7 @@ class ChatShape:
         delta: dict[str, Any] = {"content": ev.text} if ev.text or not ev.tool_calls else {}
         if ev.tool_calls:
             delta["tool_calls"] = [_call_piece(p) for p in ev.tool_calls]
-        return self._chunk(run, ChatChunkChoice.model_construct(index=ev.index, delta=delta, logprobs=lp))
+        return self._chunk(run, ChatChunkChoice(index=ev.index, delta=delta, logprobs=lp))
 
     def final(self, run: RunningJob, done: Done) -> str:
         return self._chunk(run, ChatChunkChoice(index=done.index, delta={}, finish_reason=done.finish_reason))

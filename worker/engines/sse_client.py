@@ -84,8 +84,9 @@ class _EventStream(asyncio.Protocol):
             self._transport.close()
 
 
-async def post_events(host: str, port: int, path: str, body: bytes, on_event: OnEvent) -> None:
-    """POST ``body`` (JSON) to ``path`` and hand each event's data to
+async def post_events(socket_path: str, path: str, body: bytes, on_event: OnEvent) -> None:
+    """POST ``body`` (JSON) to ``path`` of the server listening on the UNIX
+    socket ``socket_path``, and hand each event's data to
     ``on_event`` until it returns True. Raises ``StreamError`` (or
     ``OSError``) if the request fails or the stream breaks off, or what
     ``on_event`` raised. Cancelling it closes the connection, which is how
@@ -93,9 +94,9 @@ async def post_events(host: str, port: int, path: str, body: bytes, on_event: On
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     async with asyncio.timeout(CONNECT_TIMEOUT_S):
-        transport, _ = await loop.create_connection(lambda: _EventStream(on_event, done), host, port)
+        transport, _ = await loop.create_unix_connection(lambda: _EventStream(on_event, done), socket_path)
     try:
-        head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        head = (f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\nAccept: text/event-stream\r\nConnection: close\r\n\r\n")
         transport.write(head.encode() + body)
         await done
