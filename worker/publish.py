@@ -24,6 +24,9 @@ from broker.schemas import STREAM_EVENT_FIELD, AnyEvent, Delta, Done, Started
 log = logging.getLogger("llmq.worker.publish")
 
 Command = tuple[str | int, ...]
+# Replies of sent events are read back once this many wait, in one read from
+# the socket: reading them on every token cost a system call per token.
+UNREAD_MAX = 64
 
 
 class Publisher:
@@ -77,10 +80,10 @@ class Publisher:
 
     def send(self, events: Sequence[tuple[str, AnyEvent]]) -> set[str]:
         """Publish in order without waiting for Redis: the engines' token
-        events. Their replies are read on the next call, from the socket's
-        buffer, so the caller does not sleep and wake again on every token
-        (at one client that wake cost as much CPU as the publish). Returns the
-        jobs whose events, sent before, reached no subscriber."""
+        events. Their replies are read later (``UNREAD_MAX``), from the
+        socket's buffer, so the caller does not sleep and wake again on every
+        token (at one client that wake cost as much CPU as the publish).
+        Returns the jobs whose events, sent before, reached no subscriber."""
         commands, owners = self._commands(events)
         self._execute(commands, wait=False, jobs=[None if i is None else events[i][1].job_id for i in owners])
         with self._conn_lock:
@@ -124,7 +127,8 @@ class Publisher:
         conn = self._conn
 
         def roundtrip() -> list[object]:
-            self._read_unread()
+            if wait or len(self._unread) >= UNREAD_MAX:
+                self._read_unread()
             if commands:
                 conn.send_packed_command(conn.pack_commands(commands), check_health=False)
             if wait:
