@@ -12,12 +12,15 @@
 # an AMX CPU). Then Redis, the API and an llmq worker of that engine on
 # spare ports, configured as the anchor is, and `python -m bench http`
 # (streaming chat, 64 new tokens, temperature 0) against each, one system
-# at a time. Figures: var/bench/$ENGINE-*.json. Extra worker options go in
+# at a time, ROUNDS times (default 1) in alternating order; the table at the
+# end gives each figure's median over the rounds (bench/sides.py). Figures:
+# var/bench/$ENGINE-*-r*.json. Extra worker options go in
 # LLMQ_BENCH_WORKER_ARGS (e.g. "--max-step-tokens 1024").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLIENTS=("$@"); [ ${#CLIENTS[@]} -eq 0 ] && CLIENTS=(1 16 64)
 ENGINE=${ENGINE:-transformers}
+ROUNDS=${ROUNDS:-1}
 PY=.venv/bin/python; OUT=var/bench; LOGS=var/bench/logs; mkdir -p "$LOGS"
 REDIS_PORT=${REDIS_PORT:-6391}; API_PORT=${API_PORT:-8011}
 DEMO=models/smollm2-135m-instruct
@@ -60,10 +63,14 @@ for _ in $(seq 1 900); do curl -sf "127.0.0.1:$API_PORT/v1/models" | grep -q smo
 
 for c in "${CLIENTS[@]}"; do
   n=$((c * 8)); [ "$c" -lt 3 ] && n=24
-  for sys in llmq "$ANCHOR_NAME"; do
-    port=$API_PORT; [ "$sys" != llmq ] && port=$ANCHOR_PORT
-    echo "== $sys ($ENGINE), $c client(s), $n requests"
-    $PY -m bench http --base-url "http://127.0.0.1:$port/v1" --model smollm2 --concurrency "$c" --requests "$n" \
-      --max-tokens 64 --temperature 0 --json "$OUT/$ENGINE-$sys-c$c.json" | grep -E "tokens/s|TTFT|ITL|errors"
+  for r in $(seq 0 $((ROUNDS - 1))); do
+    order=(llmq "$ANCHOR_NAME"); [ $((r % 2)) -eq 1 ] && order=("$ANCHOR_NAME" llmq)
+    for sys in "${order[@]}"; do
+      port=$API_PORT; [ "$sys" != llmq ] && port=$ANCHOR_PORT
+      echo "== $sys ($ENGINE), $c client(s), $n requests, round $((r + 1)) of $ROUNDS"
+      $PY -m bench http --base-url "http://127.0.0.1:$port/v1" --model smollm2 --concurrency "$c" --requests "$n" \
+        --max-tokens 64 --temperature 0 --json "$OUT/$ENGINE-$sys-c$c-r$r.json" | grep -E "tokens/s|TTFT|ITL|errors"
+    done
   done
 done
+$PY -m bench.sides "$ENGINE" "$ANCHOR_NAME" "${CLIENTS[@]}" --rounds "$ROUNDS"

@@ -347,14 +347,20 @@ class LoopBatcher:
     thread and passing the GIL back and forth; waiting a further 2 ms to
     gather a whole llama.cpp step changed nothing measurable.)"""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, publish: Callable[[list[Update]], None]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, publish: Callable[[list[Update]], None],
+                 alone: Callable[[], bool] | None = None) -> None:
         self._loop = loop
         self._publish = publish
+        self._alone = alone  # True while one source puts: nothing could join its updates
         self._pending: list[Update] = []
         self._scheduled = False
 
     def put(self, updates: list[Update]) -> None:
         """Loop thread only."""
+        if not self._scheduled and self._alone is not None and self._alone():
+            self._pending = updates  # out now, without a turn of the loop to wait for company
+            self._flush()
+            return
         self._pending.extend(updates)
         if not self._scheduled:
             self._scheduled = True

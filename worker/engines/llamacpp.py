@@ -142,8 +142,8 @@ class LlamaCppEngine:
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name=f"llmq-llamacpp-{self.names[0]}",
                                              daemon=True)
         self._loop_thread.start()
-        self._out = LoopBatcher(self._loop, self.emitter.publish)
         self._tasks: dict[str, asyncio.Task[None]] = {}  # request id -> its stream (loop thread only)
+        self._out = LoopBatcher(self._loop, self.emitter.publish, alone=lambda: len(self._tasks) <= 1)
         self._clock = StepClock()
         log.info("llama.cpp engine for %s: pid %d, %d slots of %d tokens", ",".join(self.names), self.proc.pid,
                  options.max_batch_size, self.context_length)
