@@ -34,19 +34,19 @@ def main() -> None:
         table.add_column(col, justify="right")
     for c in args.clients:
         runs = {s: [_round(args.engine, s, c, r) for r in range(args.rounds)] for s in ("llmq", args.anchor)}
-        for label, key, scale, unit in (("output tokens/s", "tokens_per_s", 1, ""),
-                                        ("TTFT p50", "ttft_p50_s", 1000, " ms"),
-                                        ("ITL p50", "itl_p50_s", 1000, " ms")):
+        for label, key, scale, unit, fmt in (("output tokens/s", "tokens_per_s", 1, "", ".1f"),
+                                             ("TTFT p50", "ttft_p50_s", 1000, " ms", ".1f"),
+                                             ("ITL p50", "itl_p50_s", 1000, " ms", ".2f")):
             ours = [run[key] * scale for run in runs["llmq"]]
             theirs = [run[key] * scale for run in runs[args.anchor]]
             mine, anchor = statistics.median(ours), statistics.median(theirs)
-            table.add_row(str(c), label, f"{mine:.1f}{unit}", f"{anchor:.1f}{unit}", f"{mine / anchor:.3f}x",
-                          " ".join(f"{a:.1f}/{b:.1f}" for a, b in zip(ours, theirs)))
+            table.add_row(str(c), label, f"{mine:{fmt}}{unit}", f"{anchor:{fmt}}{unit}", f"{mine / anchor:.3f}x",
+                          "  ".join(f"{a:{fmt}}/{b:{fmt}}" for a, b in zip(ours, theirs)))
         errors = sum(run["errors"] for s in runs for run in runs[s])
         if errors:
             table.add_row(str(c), "errors", str(sum(r["errors"] for r in runs["llmq"])),
                           str(sum(r["errors"] for r in runs[args.anchor])), "", "")
-    Console().print(table)
+    Console(width=160).print(table)
 
 
 if __name__ == "__main__":
