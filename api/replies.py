@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from broker.schemas import AnyEvent, Error, parse_event
+from broker.schemas import AnyEvent, Error, parse_message
 
 log = logging.getLogger("llmq.api.replies")
 
@@ -61,10 +61,11 @@ class ReplyRouter:
     async def _run(self) -> None:
         while True:
             try:
-                async for event in self._listen():
-                    q = self._queues.get(event.job_id)
-                    if q is not None:  # events of a job whose client left are dropped
-                        q.put_nowait(event)
+                async for events in self._listen():
+                    for event in events:
+                        q = self._queues.get(event.job_id)
+                        if q is not None:  # events of a job whose client left are dropped
+                            q.put_nowait(event)
             except (RedisConnectionError, OSError) as exc:
                 self._subscribed.clear()
                 log.warning("reply channel %s lost (%s); failing %d open job(s), resubscribing", self.channel, exc,
@@ -81,7 +82,7 @@ class ReplyRouter:
                                message="The connection to the job queue (Redis) was lost; the job's outcome is "
                                        "unknown. Retry the request."))
 
-    async def _listen(self) -> AsyncIterator[AnyEvent]:
+    async def _listen(self) -> AsyncIterator[list[AnyEvent]]:
         pubsub = self._redis.pubsub()
         try:
             await pubsub.subscribe(self.channel)
@@ -99,7 +100,7 @@ class ReplyRouter:
                 if reply[0] != b"message":
                     continue
                 try:
-                    yield parse_event(reply[2])
+                    yield parse_message(reply[2])
                 except ValidationError as exc:
                     log.error("dropped a malformed event on %s: %s", self.channel, exc)
         finally:
@@ -107,9 +108,9 @@ class ReplyRouter:
 
 
 async def next_event(q: Mailbox, timeout_s: float) -> AnyEvent | None:
-    """The next event, or None after ``timeout_s``. Runs once per token:
-    an event already queued is taken at once, and the wait is a timer on this
-    task (``asyncio.timeout``), not a new task per event as ``wait_for`` makes."""
+    """The next event, or None after ``timeout_s``: the wait for a job's
+    first event (a running job's events are followed with a ``Ticker``). The
+    wait is a timer on this task, not a new task as ``wait_for`` makes."""
     if not q.empty():
         return q.get_nowait()
     try:

@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from broker.keys import Keys
-from broker.schemas import Job, Message, Sampling
+from broker.schemas import Job, Message, Sampling, parse_message
 
 PHASE_HELP = {
     "schedule": "pick rows and prompt chunks, build the step's layout",
@@ -100,8 +100,9 @@ def run(cfg: ProfileConfig) -> dict[str, Any]:
 
         def drain() -> None:  # the API's part: read every event
             while not stop.is_set():
-                if pubsub.get_message(timeout=0.2) is not None:
-                    received[0] += 1
+                msg = pubsub.get_message(timeout=0.2)
+                if msg is not None:
+                    received[0] += len(parse_message(msg["data"]))
 
         reader = threading.Thread(target=drain, daemon=True)
         reader.start()

@@ -238,6 +238,7 @@ class Embeddings(_Event):
 AnyEvent = Started | Delta | Done | Error | Embeddings
 Event = Annotated[AnyEvent, Field(discriminator="type")]
 EVENT_ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(Event)
+EVENTS_ADAPTER: TypeAdapter[list[AnyEvent]] = TypeAdapter(list[Event])
 
 
 # The field of an entry that holds an event in a job's events stream
@@ -247,6 +248,20 @@ STREAM_EVENT_FIELD = "event"
 
 def parse_event(raw: bytes | str) -> AnyEvent:
     return EVENT_ADAPTER.validate_json(raw)
+
+
+def parse_message(raw: bytes | str) -> list[AnyEvent]:
+    """A reply channel's message: one event, or a JSON array of the events
+    of one engine step bound for the same API process (``events_message``)."""
+    if raw[:1] in (b"[", "["):
+        return EVENTS_ADAPTER.validate_json(raw)
+    return [EVENT_ADAPTER.validate_json(raw)]
+
+
+def events_message(events_json: list[str]) -> str:
+    """Events already in JSON, as one reply channel message: one PUBLISH and
+    one message to parse for a whole step's tokens, whatever the batch size."""
+    return events_json[0] if len(events_json) == 1 else "[" + ",".join(events_json) + "]"
 
 
 class LineResult(Strict):

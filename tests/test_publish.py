@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from broker.schemas import Delta, Started, parse_event
+from broker.schemas import Delta, Started, parse_event, parse_message
 from tests.procs import start_redis
 from broker.schemas import STREAM_EVENT_FIELD as STREAM_FIELD
 from worker.publish import UNREAD_MAX, Publisher
@@ -69,4 +69,19 @@ def test_sent_events_are_published_and_an_unheard_job_is_named_on_a_later_call(r
     # A waiting publish reads the replies still unread before its own.
     assert pub.publish([("nobody", Delta(job_id="c", seq=1, text=".", completion_tokens=1))]) == [0]
     assert pub.send([]) == set()  # job a's last event was heard
+    pub.close()
+
+
+def test_a_steps_events_for_one_channel_are_one_message(r: redis.Redis) -> None:
+    """One PUBLISH per channel per call: the API reads one message for a
+    whole step, and each event's subscriber count is that message's."""
+    pub = Publisher(r)
+    sub = r.pubsub()
+    sub.subscribe("api-1")
+    assert sub.get_message(timeout=1)["type"] == "subscribe"
+    step = [("api-1", Delta(job_id=f"j{i}", seq=1, text=str(i), completion_tokens=1)) for i in range(3)]
+    assert pub.publish([*step, ("api-2", Delta(job_id="k", seq=1, text="-", completion_tokens=1))]) == [1, 1, 1, 0]
+    msg = sub.get_message(timeout=1)
+    assert [(e.job_id, e.text) for e in parse_message(msg["data"])] == [("j0", "0"), ("j1", "1"), ("j2", "2")]
+    assert sub.get_message(timeout=0.2) is None  # nothing more: the step was one message
     pub.close()

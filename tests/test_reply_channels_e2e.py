@@ -14,6 +14,7 @@ import openai
 import pytest
 import redis
 
+from broker.schemas import parse_message
 from tests.conftest import Stack
 from tests.procs import start_api
 
@@ -32,7 +33,8 @@ def test_two_apis_share_redis_without_crosstalk(stack: Stack) -> None:
         while not stop.is_set():
             msg = pubsub.get_message(timeout=0.2)
             if msg:
-                seen[json.loads(msg["data"])["job_id"]].add(msg["channel"].decode())
+                for event in parse_message(msg["data"]):  # one event, or a step's events for one channel
+                    seen[event.job_id].add(msg["channel"].decode())
 
     listener = threading.Thread(target=listen)
     listener.start()
