@@ -111,8 +111,6 @@ async def next_event(q: Mailbox, timeout_s: float) -> AnyEvent | None:
     """The next event, or None after ``timeout_s``: the wait for a job's
     first event (a running job's events are followed with a ``Ticker``). The
     wait is a timer on this task, not a new task as ``wait_for`` makes."""
-    if not q.empty():
-        return q.get_nowait()
     try:
         async with asyncio.timeout(timeout_s):
             return await q.get()
