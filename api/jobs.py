@@ -3,6 +3,7 @@ Celery send, the wait for the worker's first event, cancellation."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -13,7 +14,6 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from celery import Celery
 from redis.exceptions import RedisError
-from starlette.concurrency import run_in_threadpool
 
 from api.errors import APIError, model_not_found, no_live_worker, queue_full, wrong_model_kind
 from api.keys import NamedKey, RateLimiter
@@ -49,6 +49,8 @@ def send_job(celery: Celery, job: Job, queue: str) -> None:
         queue=queue,
         task_id=job.job_id,
         priority=job.priority,
+        # No result backend: results travel over the job's reply channel.
+        ignore_result=True,
         # Flower shows this instead of the arguments: never the prompt.
         argsrepr="()",
         kwargsrepr=json.dumps(job.summary()),
@@ -288,7 +290,7 @@ class Jobs:
         )
         q = self._router.open(job.job_id)
         try:
-            await run_in_threadpool(self._send, job, queue)
+            await self._send(job, queue)
             first = await self._first_event(q, job.job_id, client_gone)
         except BaseException:
             await self.release(job.job_id, cancel=True)
@@ -322,7 +324,7 @@ class Jobs:
         await self.release(job.job_id, cancel=True)  # in case the old worker was only slow
         again = job.model_copy(update={"job_id": f"{job.job_id.split('~')[0]}~{attempt}", "submitted_at": time.time()})
         self._router.attach(again.job_id, q)
-        await run_in_threadpool(self._send, again, queue_name(job.model))
+        await self._send(again, queue_name(job.model))
         ev = await self._first_event(q, again.job_id)
         if isinstance(ev, Started):
             return again, ev
@@ -352,7 +354,7 @@ class Jobs:
                   reply_channel=self._router.channel, submitted_at=time.time())
         q = self._router.open(job.job_id)
         try:
-            await run_in_threadpool(self._send, job, queue)
+            await self._send(job, queue)
             ev = await self._first_event(q, job.job_id)
         except BaseException:
             await self.release(job.job_id, cancel=True)
@@ -384,8 +386,12 @@ class Jobs:
             raise wrong_model_kind(model, live.info.kind)
         return queue_name(model)
 
-    def _send(self, job: Job, queue: str) -> None:
-        send_job(self._celery, job, queue)
+    async def _send(self, job: Job, queue: str) -> None:
+        # On asyncio's own executor, whose threads live as long as the
+        # process: Celery builds its result backend once per thread that
+        # sends (scanning every installed package's entry points, ~6 ms),
+        # and the threadpool Starlette offers ends threads idle for 10 s.
+        await asyncio.to_thread(send_job, self._celery, job, queue)
 
     async def release(self, job_id: str, *, cancel: bool) -> None:
         self._router.close(job_id)

@@ -246,3 +246,35 @@ def test_keys_file_names_what_is_wrong_without_echoing_a_key(tmp_path: Path) -> 
     keys = load_keys(Settings(api_keys=["sk-plain"], api_keys_file=path))
     assert [(k.name, k.tokens_per_minute, k.limited) for k in keys] == [("key-1", None, False), ("team-b", 500, True)]
     assert "sk-secret-3" not in repr(keys)
+
+
+def test_a_finished_job_wakes_the_consumer_loop() -> None:
+    """worker/hubwake.py on kombu's real hub: the pool's completion callback
+    runs Celery's own callback first, then wakes the hub's poll from the
+    task's thread, so kombu's next loop turn can ask for the next job."""
+    import threading
+
+    from kombu.asynchronous import Hub
+
+    from worker.hubwake import HubWaker, wake_after_each_job
+
+    hub = Hub()
+    woken = threading.Event()
+    waker = HubWaker(hub, woken.set)
+    order: list[str] = []
+
+    class Pool:  # the threads pool's on_apply: the callback runs on another thread
+        def on_apply(self, target, args=None, kwargs=None, callback=None, **_):  # type: ignore[no-untyped-def]
+            threading.Timer(0.05, lambda: callback(target(*args))).start()
+
+    pool = Pool()
+    wake_after_each_job(pool, waker)
+    pool.on_apply(lambda x: x * 2, (21,), {}, callback=lambda ret: order.append(f"celery saw {ret}"))
+    loop = hub.create_loop()
+    for _ in range(5):  # each turn polls up to 1 s with no timers set
+        next(loop)
+        if woken.is_set():
+            break
+    assert woken.is_set()
+    assert order == ["celery saw 42"]
+    hub.close()

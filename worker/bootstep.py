@@ -19,14 +19,14 @@ from broker.connections import sync_redis
 from broker.settings import Settings
 from worker.embeddings import is_embedding_model, load_embedding
 from worker.engines import ENGINES, MAX_STEP_TOKENS, TOOL_FORMATS, EngineOptions, build
+from worker.hubwake import HubWaker, wake_after_each_job
 from worker.loading import ModelLoadError, ModelSpec
 from worker.publish import Publisher
 from worker.runtime import Runtime
 
 log = logging.getLogger("llmq.worker")
 
-CONSUME_TICK_S = 0.01  # while every thread is busy
-IDLE_TICK_S = 0.1  # otherwise: a Redis BRPOP is already waiting for the next job
+GATE_TICK_S = 0.1  # the batch gate looks at the threads' use this often (worker/batchgate.py)
 
 OPTIONS = [
     click.Option(["--engine"], type=click.Choice(ENGINES), default="transformers",
@@ -134,19 +134,19 @@ class LLMQStep(bootsteps.StartStopStep):
         self.runtime.start()
         hub = getattr(worker, "hub", None)
         if hub is not None:
-            # With prefetch disabled, kombu asks Redis for the next job only
-            # on an event-loop tick, and a thread that finishes a job does
-            # not wake the loop: it slept up to a second (0.5 s median queue
-            # time at 16 clients). A short timer bounds that wait while every
-            # thread is busy; with a thread free, kombu's request for the
-            # next job is already out, and a 100-per-second wake-up would
-            # only take CPU from the engine.
-            # The same tick opens and closes the batch queues (consumer thread only).
-            def tick() -> None:
+            # The batch gate opens and closes the batch queues on Celery's
+            # consumer thread only: on a slow tick, and whenever a job ends
+            # (a thread freed is room for a batch line). That wake-up also
+            # makes kombu ask for the next job at once (worker/hubwake.py).
+            def gate() -> None:
                 self.runtime.gate.apply(getattr(worker, "consumer", None))
-                hub.call_later(CONSUME_TICK_S if self.runtime.saturated() else IDLE_TICK_S, tick)
+
+            def tick() -> None:
+                gate()
+                hub.call_later(GATE_TICK_S, tick)
 
             tick()
+            wake_after_each_job(worker.pool, HubWaker(hub, gate))
 
     def stop(self, worker: Any) -> None:
         self.runtime.stop()

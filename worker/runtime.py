@@ -33,7 +33,6 @@ from worker.redelivery import Redelivery
 log = logging.getLogger("llmq.worker")
 
 ENGINE_CHECK_S = 0.5
-FULL_GRACE_S = 0.1
 
 
 class Runtime:
@@ -55,9 +54,6 @@ class Runtime:
                            settings.heartbeat_ttl_ms(), tick=redelivery.tick if redelivery else None)
         self._cancel_thread = threading.Thread(target=self._listen_cancels, name="llmq-cancels", daemon=True)
         self._stopping = threading.Event()
-        self._active = 0  # jobs in run(), one per busy Celery thread
-        self._active_lock = threading.Lock()
-        self._full_until = 0.0
         self._watchdog = threading.Thread(target=self._watch_engines, name="llmq-watchdog", daemon=True)
         self.gate = BatchGate(self.batch_queues(), options.max_batch_size, batch_reserve)
 
@@ -137,8 +133,6 @@ class Runtime:
         """Run one job to its end; the return value is what Flower shows.
         Whatever goes wrong, the API hears of it: no client waits for a
         job that failed silently."""
-        with self._active_lock:
-            self._active += 1
         if job.events_stream is not None:
             self.publisher.stream(job.job_id, job.events_stream)
         try:
@@ -149,16 +143,6 @@ class Runtime:
             return self._crashed(job, exc)
         finally:
             self.publisher.unstream(job.job_id)
-            with self._active_lock:
-                if self._active >= self.options.max_batch_size:
-                    self._full_until = time.monotonic() + FULL_GRACE_S
-                self._active -= 1
-
-    def saturated(self) -> bool:
-        """Every Celery thread runs a job, or did a moment ago (Celery frees
-        the thread a little after ``run`` returns): a thread that frees up
-        must make the worker ask for the next job (``worker/bootstep.py``)."""
-        return self._active >= self.options.max_batch_size or time.monotonic() < self._full_until
 
     def _run_line(self, job: Job) -> dict[str, object]:
         """A batch line: run like any job, but its events are kept and
