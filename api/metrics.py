@@ -88,8 +88,9 @@ class Metrics:
         self.queue.labels(f.model).observe(f.queue_s)
         if f.first_token_s is not None:
             self.ttft.labels(f.model).observe(f.first_token_s)
+        itl = self.itl.labels(f.model)
         for gap in f.token_gaps_s:
-            self.itl.labels(f.model).observe(gap)
+            itl.observe(gap)
         if f.finish_reason is not None:
             self.e2e.labels(f.model).observe(f.total_s)
             self.success.labels(f.model, f.finish_reason).inc()

@@ -278,3 +278,35 @@ def test_a_finished_job_wakes_the_consumer_loop() -> None:
     assert woken.is_set()
     assert order == ["celery saw 42"]
     hub.close()
+
+
+def test_loop_batcher_gathers_one_step_of_every_streaming_source() -> None:
+    """llama-server writes each slot's token separately: the batcher sends a
+    step's updates once every streaming source has put one, and sends what
+    it has after GATHER_S when a source is late (worker/engines/base.py)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from worker.engines.base import LoopBatcher
+
+    async def run() -> list[tuple[float, list[str]]]:
+        loop = asyncio.get_running_loop()
+        sent: list[tuple[float, list[str]]] = []
+        a, b, c = (SimpleNamespace(name=n) for n in "abc")
+        batcher = LoopBatcher(loop, lambda batch: sent.append((loop.time(), [u.choice.name for u in batch])),
+                              sources=lambda: 3)
+        start = loop.time()
+        batcher.put([SimpleNamespace(choice=a)])  # type: ignore[list-item]
+        batcher.put([SimpleNamespace(choice=b)])  # type: ignore[list-item]
+        await asyncio.sleep(0)
+        assert sent == []  # c has not put yet
+        batcher.put([SimpleNamespace(choice=c)])  # type: ignore[list-item]
+        assert [names for _, names in sent] == [["a", "b", "c"]]
+        batcher.put([SimpleNamespace(choice=a)])  # type: ignore[list-item]
+        batcher.put([SimpleNamespace(choice=a)])  # type: ignore[list-item]
+        await asyncio.sleep(LoopBatcher.GATHER_S * 4)
+        return [(t - start, names) for t, names in sent]
+
+    sent = asyncio.run(run())
+    assert [names for _, names in sent] == [["a", "b", "c"], ["a", "a"]]
+    assert sent[1][0] >= LoopBatcher.GATHER_S  # the late step went out on the timer, not at once

@@ -143,7 +143,9 @@ class LlamaCppEngine:
                                              daemon=True)
         self._loop_thread.start()
         self._tasks: dict[str, asyncio.Task[None]] = {}  # request id -> its stream (loop thread only)
-        self._out = LoopBatcher(self._loop, self.emitter.publish, alone=lambda: len(self._tasks) <= 1)
+        self._streaming: set[str] = set()  # request ids past their prompt: a token from each every step
+        self._out = LoopBatcher(self._loop, self.emitter.publish, alone=lambda: len(self._tasks) <= 1,
+                                sources=lambda: len(self._streaming))
         self._clock = StepClock()
         log.info("llama.cpp engine for %s: pid %d, %d slots of %d tokens", ",".join(self.names), self.proc.pid,
                  options.max_batch_size, self.context_length)
@@ -238,7 +240,12 @@ class LlamaCppEngine:
         rid = choice.request_id
         task = self._loop.create_task(self._stream(choice, body))
         self._tasks[rid] = task
-        task.add_done_callback(lambda _: self._tasks.pop(rid, None))
+
+        def ended(_: asyncio.Task[None]) -> None:
+            self._tasks.pop(rid, None)
+            self._streaming.discard(rid)
+
+        task.add_done_callback(ended)
 
     def _abort(self, request_id: str) -> None:
         task = self._tasks.get(request_id)
@@ -265,6 +272,8 @@ class LlamaCppEngine:
                 return True
             tokens = len(msg.get("tokens") or ())
             if tokens or msg.get("content"):  # not the stream's opening message or a progress report
+                if not counted:
+                    self._streaming.add(choice.request_id)
                 counted += tokens
                 self._out.put([Update(choice, text=msg.get("content", ""), tokens=tokens,
                                       logprobs=_logprobs(msg.get("completion_probabilities"), k))])
