@@ -282,20 +282,20 @@ def test_a_finished_job_wakes_the_consumer_loop() -> None:
 
 def test_loop_batcher_gathers_one_step_of_every_streaming_source() -> None:
     """llama-server writes each slot's token separately: the batcher sends a
-    step's updates once every streaming source has put one, and sends what
-    it has after GATHER_S when a source is late (worker/engines/base.py)."""
+    step's updates once every streaming source has put one; a late source's
+    update goes out after QUIET_S without another, and a steady trickle is
+    cut every GATHER_S (worker/engines/base.py)."""
     import asyncio
     from types import SimpleNamespace
 
     from worker.engines.base import LoopBatcher
 
-    async def run() -> list[tuple[float, list[str]]]:
+    async def run() -> tuple[list[tuple[float, list[str]]], float, int]:
         loop = asyncio.get_running_loop()
         sent: list[tuple[float, list[str]]] = []
         a, b, c = (SimpleNamespace(name=n) for n in "abc")
         batcher = LoopBatcher(loop, lambda batch: sent.append((loop.time(), [u.choice.name for u in batch])),
                               sources=lambda: 3)
-        start = loop.time()
         batcher.put([SimpleNamespace(choice=a)])  # type: ignore[list-item]
         batcher.put([SimpleNamespace(choice=b)])  # type: ignore[list-item]
         await asyncio.sleep(0)
@@ -304,9 +304,17 @@ def test_loop_batcher_gathers_one_step_of_every_streaming_source() -> None:
         assert [names for _, names in sent] == [["a", "b", "c"]]
         batcher.put([SimpleNamespace(choice=a)])  # type: ignore[list-item]
         batcher.put([SimpleNamespace(choice=a)])  # type: ignore[list-item]
-        await asyncio.sleep(LoopBatcher.GATHER_S * 4)
-        return [(t - start, names) for t, names in sent]
+        last_put = loop.time()
+        await asyncio.sleep(LoopBatcher.GATHER_S * 2)
+        assert [names for _, names in sent] == [["a", "b", "c"], ["a", "a"]]
+        # a trickle of one source, faster than the quiet: cut at least every GATHER_S
+        end = loop.time() + LoopBatcher.GATHER_S * 10
+        while loop.time() < end:
+            batcher.put([SimpleNamespace(choice=b)])  # type: ignore[list-item]
+            await asyncio.sleep(0)  # the loop turns (and fires due timers), with no quiet between puts
+        await asyncio.sleep(LoopBatcher.GATHER_S * 2)
+        return sent, last_put, len(sent) - 2
 
-    sent = asyncio.run(run())
-    assert [names for _, names in sent] == [["a", "b", "c"], ["a", "a"]]
-    assert sent[1][0] >= LoopBatcher.GATHER_S  # the late step went out on the timer, not at once
+    sent, last_put, trickle_batches = asyncio.run(run())
+    assert sent[1][0] >= last_put + LoopBatcher.QUIET_S  # the late update waited for the quiet
+    assert trickle_batches >= 5

@@ -348,12 +348,16 @@ class LoopBatcher:
 
     With ``sources``, the updates of one engine step are gathered even when
     they arrive over several wake-ups, as llama-server's do (each slot's
-    stream is written by its own HTTP thread, after the step): a batch goes
-    out once every source that is streaming has put an update since the
-    last one, or ``GATHER_S`` after its first update, whichever comes first.
-    One Redis message a step, not one per wake-up (7.6 a step at 16
-    clients), spares Redis and the API their wake-ups."""
+    stream is written by its own HTTP thread, after the step; at 16 clients
+    a step's updates came over 2.4 ms at the median, 5.3 ms at p90, with
+    ~45 ms between steps): a batch goes out once every source that is
+    streaming has put an update since the last one, or when none came for
+    ``QUIET_S``, or ``GATHER_S`` after its first update. Updates that follow
+    a complete step (a new stream's first token, a last message) wait only
+    for the quiet. One Redis message a step, not one per wake-up (7.6 a
+    step at 16 clients), spares Redis and the API their wake-ups."""
 
+    QUIET_S = 0.001
     GATHER_S = 0.005
 
     def __init__(self, loop: asyncio.AbstractEventLoop, publish: Callable[[list[Update]], None],
@@ -365,6 +369,7 @@ class LoopBatcher:
         self._pending: list[Update] = []
         self._from: set[int] = set()  # ids of the choices with updates pending
         self._scheduled: asyncio.Handle | asyncio.TimerHandle | None = None
+        self._first_at = self._last_at = 0.0  # loop time of the pending batch's first and latest update
 
     def put(self, updates: list[Update]) -> None:
         """Loop thread only."""
@@ -378,12 +383,21 @@ class LoopBatcher:
                 self._scheduled = self._loop.call_soon(self._flush)
             return
         self._from.update(id(u.choice) for u in updates)
+        self._last_at = self._loop.time()
         if len(self._from) >= self._sources():
             if self._scheduled is not None:
                 self._scheduled.cancel()
             self._flush()
         elif self._scheduled is None:
-            self._scheduled = self._loop.call_later(self.GATHER_S, self._flush)
+            self._first_at = self._last_at
+            self._scheduled = self._loop.call_at(self._last_at + self.QUIET_S, self._expire)
+
+    def _expire(self) -> None:
+        due = min(self._last_at + self.QUIET_S, self._first_at + self.GATHER_S)
+        if self._loop.time() < due:  # more came meanwhile: wait for the quiet, up to GATHER_S in all
+            self._scheduled = self._loop.call_at(due, self._expire)
+        else:
+            self._flush()
 
     def _flush(self) -> None:
         batch, self._pending, self._scheduled = self._pending, [], None
