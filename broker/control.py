@@ -59,9 +59,11 @@ def linger(r: redis.Redis, keys: Keys, job_id: str, ttl_s: int) -> None:
         pipe.execute()
 
 
-def mark_started(r: redis.Redis, keys: Keys, job_id: str, ttl_s: int) -> None:
-    """From now on no redelivered copy of the job may run (its client has a Started)."""
-    r.set(keys.started(job_id), b"1", ex=ttl_s)
+def started_mark(keys: Keys, job_id: str, ttl_s: int) -> tuple[str | int, ...]:
+    """The command after which no redelivered copy of the job may run. The
+    worker sends it in the same write as the job's Started event, just
+    before it, so it is in Redis before any of the job's events is."""
+    return ("SET", keys.started(job_id), "1", "EX", ttl_s)
 
 
 # Admit a job if fewer than ARGV[1] jobs of the model wait. Entries older than

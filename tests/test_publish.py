@@ -72,6 +72,31 @@ def test_sent_events_are_published_and_an_unheard_job_is_named_on_a_later_call(r
     pub.close()
 
 
+def test_a_jobs_started_mark_goes_before_its_started_event_in_the_same_write(r: redis.Redis) -> None:
+    """The worker marks a job started (``started_mark``) in the send that
+    carries its Started event: by the time a subscriber hears the event,
+    no redelivered copy of the job may run."""
+    from broker.control import started_mark
+    from broker.keys import Keys
+
+    keys = Keys("llmq-test")
+    pub = Publisher(r)
+    sub = r.pubsub()
+    sub.subscribe("api-s")
+    assert sub.get_message(timeout=1)["type"] == "subscribe"
+    pub.send([("api-s", Started(job_id="s", seq=0, worker="w", prompt_tokens=2, queue_s=0.0))],
+             first=[started_mark(keys, "s", 60)])
+    msg = sub.get_message(timeout=1)
+    assert msg is not None and parse_event(msg["data"]).job_id == "s"
+    assert r.get(keys.started("s")) == b"1" and 0 < r.ttl(keys.started("s")) <= 60
+    pub.send([("nobody", Started(job_id="t", seq=0, worker="w", prompt_tokens=2, queue_s=0.0))],
+             first=[started_mark(keys, "t", 60)])
+    # A waiting publish reads the replies still unread first (the SET's counts for no job).
+    assert pub.publish([("nobody", Delta(job_id="u", seq=1, text=".", completion_tokens=1))]) == [0]
+    assert pub.send([]) == {"t"}
+    pub.close()
+
+
 def test_a_steps_events_for_one_channel_are_one_message(r: redis.Redis) -> None:
     """One PUBLISH per channel per call: the API reads one message for a
     whole step, and each event's subscriber count is that message's."""

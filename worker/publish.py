@@ -85,14 +85,17 @@ class Publisher:
                     counts[i] = int(reply)  # type: ignore[call-overload]
         return counts
 
-    def send(self, events: Sequence[tuple[str, AnyEvent]]) -> set[str]:
+    def send(self, events: Sequence[tuple[str, AnyEvent]], first: Sequence[Command] = ()) -> set[str]:
         """Publish in order without waiting for Redis: the engines' token
-        events. Their replies are read later (``UNREAD_MAX``), from the
-        socket's buffer, so the caller does not sleep and wake again on every
-        token (at one client that wake cost as much CPU as the publish).
-        Returns the jobs whose events, sent before, reached no subscriber."""
+        events, and each job's Started. Their replies are read later
+        (``UNREAD_MAX``), from the socket's buffer, so the caller does not
+        sleep and wake again on every token (at one client that wake cost as
+        much CPU as the publish). ``first`` are commands written just before
+        the events, in the same write. Returns the jobs whose events, sent
+        before, reached no subscriber."""
         commands, owners = self._commands(events)
-        self._execute(commands, wait=False, jobs=[[events[i][1].job_id for i in owned] for owned in owners])
+        jobs = [[] for _ in first] + [[events[i][1].job_id for i in owned] for owned in owners]
+        self._execute([*first, *commands], wait=False, jobs=jobs)
         with self._conn_lock:
             gone, self._gone = self._gone, set()
         return gone

@@ -17,7 +17,7 @@ import redis
 from broker import __version__
 from broker.connections import sync_redis
 from broker import batches
-from broker.control import Claim, claim, is_cancelled, linger, mark_started
+from broker.control import Claim, claim, is_cancelled, linger, started_mark
 from broker.keys import Keys, batch_queue_name, queue_name
 from broker.schemas import Delta, Embeddings, Error, Heartbeat, Job, LineResult, ModelInfo, Started
 from broker.settings import Settings
@@ -242,18 +242,23 @@ class Runtime:
             echo = engine.tokenizer.decode(ids, skip_special_tokens=False)
             events += [(job.reply_channel, Delta(job_id=jid, seq=engine.emitter.next_seq(jid), index=i, text=echo,
                                                  completion_tokens=0)) for i in range(job.n)]
-        # Published (and so ordered) before the engine can emit any delta. Marked
+        # Sent (and so ordered) before the engine can emit any delta, on the
+        # publisher's connection, in one write and without waiting for Redis:
+        # two round trips less before the job reaches the engine. Marked
         # started first: from here a redelivered copy must never run again. A
         # batch line's tokens reach nobody before its end, so a copy redelivered
         # after this worker died may run it again (its result is stored once).
-        if job.batch is None:
-            mark_started(self.redis, self.keys, jid, self.settings.claim_ttl_s)
-        if self.publisher.publish(events)[0] == 0:
-            log.warning("job %s: no API listens on %s, dropped", jid, job.reply_channel)
-            return {"job_id": jid, "status": "no_listener"}
+        # A job whose API process is gone is cancelled once the reply of its
+        # Started is read back, a few sends later (as for a job whose API
+        # process dies while it runs).
+        mark = [started_mark(self.keys, jid, self.settings.claim_ttl_s)] if job.batch is None else []
+        unheard = self.publisher.send(events, first=mark)
         choices = engine.submit(job, ids, wanted or room, queue_s)
         if is_cancelled(self.redis, self.keys, jid):  # a cancel that raced the submit
             engine.cancel(jid)
+        for gone in unheard:
+            if any(e.cancel(gone) for e in self._engines):
+                log.warning("job %s: its reply channel has no subscriber, cancelled", gone)
         for choice in choices:
             choice.ended.wait()
         completion = sum(c.tokens for c in choices)
