@@ -16,12 +16,9 @@ then finds a free thread and asks for the next job at once.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable
 from typing import Any
-
-log = logging.getLogger("llmq.worker.hubwake")
 
 
 class HubWaker:
