@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -69,6 +70,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await response_tail.start()
         await app.state.response_keeper.start()
         log.info("API instance %s up, redis %s, reply channel %s", instance, settings.redis_url, replies.channel)
+        # Objects made at start-up live as long as the process: out of the
+        # collector's view, a full collection no longer pauses every stream
+        # to walk them (one took 94 ms here at 16 clients).
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
