@@ -18,8 +18,8 @@ OUT = Path("var/bench")
 
 
 def _round(engine: str, system: str, clients: int, r: int) -> dict[str, float]:
-    figures: dict[str, float] = json.loads((OUT / f"{engine}-{system}-c{clients}-r{r}.json").read_text())["runs"]["http"]
-    return figures
+    path = OUT / f"{engine}-{system}-c{clients}-r{r}.json"
+    return json.loads(path.read_text())["runs"]["http"]  # type: ignore[no-any-return]
 
 
 def main() -> None:
@@ -42,10 +42,9 @@ def main() -> None:
             mine, anchor = statistics.median(ours), statistics.median(theirs)
             table.add_row(str(c), label, f"{mine:{fmt}}{unit}", f"{anchor:{fmt}}{unit}", f"{mine / anchor:.3f}x",
                           "  ".join(f"{a:{fmt}}/{b:{fmt}}" for a, b in zip(ours, theirs)))
-        errors = sum(run["errors"] for s in runs for run in runs[s])
-        if errors:
-            table.add_row(str(c), "errors", str(sum(r["errors"] for r in runs["llmq"])),
-                          str(sum(r["errors"] for r in runs[args.anchor])), "", "")
+        errors = {s: sum(run["errors"] for run in runs[s]) for s in runs}
+        if any(errors.values()):
+            table.add_row(str(c), "errors", str(errors["llmq"]), str(errors[args.anchor]), "", "")
     Console(width=160).print(table)
 
 

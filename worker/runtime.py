@@ -256,9 +256,8 @@ class Runtime:
         choices = engine.submit(job, ids, wanted or room, queue_s)
         if is_cancelled(self.redis, self.keys, jid):  # a cancel that raced the submit
             engine.cancel(jid)
-        for gone in unheard:
-            if any(e.cancel(gone) for e in self._engines):
-                log.warning("job %s: its reply channel has no subscriber, cancelled", gone)
+        for e in self._engines:
+            e.emitter.drop_unheard(unheard)
         for choice in choices:
             choice.ended.wait()
         completion = sum(c.tokens for c in choices)

@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -195,6 +195,15 @@ class Emitter:
                 self._recent.popleft()
             return sum(n for _, n in self._recent) / THROUGHPUT_WINDOW_S
 
+    def drop_unheard(self, job_ids: Iterable[str]) -> None:
+        """Cancel this emitter's jobs among ``job_ids``: no API process
+        listened on the reply channel of their earlier events (read back
+        late, see ``Publisher.send``), so nobody will read them."""
+        for job_id in job_ids:
+            if self.of_job(job_id):
+                log.warning("job %s: its reply channel has no subscriber, cancelling", job_id)
+                self._cancel(job_id)
+
     def end(self, choice: Choice, reason: FinishReason) -> None:
         """The choice is over: no event of it follows; its waiter wakes."""
         with self._lock:
@@ -242,13 +251,7 @@ class Emitter:
         with self._lock:
             self._recent.append((now, new_tokens))
         try:
-            # No API process listened on the reply channel of these jobs'
-            # earlier events (read back now, see Publisher.send): nobody will
-            # read them.
-            for job_id in self._publisher.send([(c.job.reply_channel, ev) for c, ev in batch]):
-                if self.of_job(job_id):
-                    log.warning("job %s: its reply channel has no subscriber, cancelling", job_id)
-                    self._cancel(job_id)
+            self.drop_unheard(self._publisher.send([(c.job.reply_channel, ev) for c, ev in batch]))
         finally:
             # Even when Redis is gone (its API process has failed these jobs
             # already): a choice that never ends holds its Celery thread forever.
