@@ -8,7 +8,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -33,8 +33,6 @@ log = logging.getLogger("llmq.api.jobs")
 
 # A job whose worker dies before its first token is sent again, this often.
 MAX_RESUBMITS = 2
-# How often a job waiting in the queue looks whether its client is still there.
-CLIENT_POLL_S = 0.5
 
 
 def error_from_event(ev: Error) -> APIError:
@@ -115,20 +113,18 @@ class RunningJob:
         """The id the client sees; a resubmitted job keeps it."""
         return self.public_id
 
-    async def events(self, tick_s: float | None = None, *, client_saw_tokens: bool = True
-                     ) -> AsyncIterator[Delta | Done | Error | Restarted | None]:
+    async def events(self, *, client_saw_tokens: bool = True) -> AsyncIterator[Delta | Done | Error | Restarted]:
         """Deltas and each choice's Done until all are done or an Error.
 
-        With ``tick_s``, also None after each ``tick_s`` without an event, so
-        the caller can look at its client. Between events the worker's
-        heartbeat is watched: if the worker dies, a job that sent no token
-        yet is resubmitted (a ``Restarted`` marker tells the caller to drop
-        what it collected; with ``client_saw_tokens=False`` that holds for
-        tokens that never left the API), otherwise it ends with an Error. A live worker
-        silent for ``event_timeout_s`` ends it too: no client ever hangs."""
+        Between events the worker's heartbeat is watched: if the worker
+        dies, a job that sent no token yet is resubmitted (a ``Restarted``
+        marker tells the caller to drop what it collected; with
+        ``client_saw_tokens=False`` that holds for tokens that never left
+        the API), otherwise it ends with an Error. A live worker silent for
+        ``event_timeout_s`` ends it too: no client ever hangs."""
         settings = self._jobs.settings
         limit = settings.event_timeout_s
-        poll = min(tick_s or limit, settings.heartbeat_ttl_s / 2, limit)
+        poll = min(settings.heartbeat_ttl_s / 2, limit)
         # Silence is looked at on ticks of half the poll, so it is seen
         # between one and one and a half polls after the last event.
         silent_since = looked_at = time.monotonic()
@@ -150,7 +146,6 @@ class RunningJob:
                             yield Restarted()
                             continue
                     elif now - silent_since < limit:
-                        yield None
                         continue
                     else:
                         ev = self._error(504, "worker_timeout", f"The worker sent nothing for {limit:.0f} s; "
@@ -260,11 +255,10 @@ class Jobs:
         priority: int = DEFAULT_PRIORITY,
         api_key: NamedKey | None = None,
         id_prefix: str,
-        client_gone: Callable[[], Awaitable[bool]] | None = None,
     ) -> RunningJob:
         """Enqueue a generation job and wait until a worker starts it.
-        ``client_gone`` is polled meanwhile: a client that leaves while its
-        job waits in the queue cancels it, so it costs no generation."""
+        Cancelled meanwhile (its client hung up: ``api/hangup.py``), it
+        cancels the job, which the worker then skips without generating."""
         accepted_at = time.monotonic()
         queue = await self.admit(model, "chat")
         job_id = f"{id_prefix}-{uuid.uuid4().hex}"
@@ -291,7 +285,7 @@ class Jobs:
         q = self._router.open(job.job_id)
         try:
             await self._send(job, queue)
-            first = await self._first_event(q, job.job_id, client_gone)
+            first = await self._first_event(q, job.job_id)
         except BaseException:
             await self.release(job.job_id, cancel=True)
             raise
@@ -304,18 +298,14 @@ class Jobs:
             raise error_from_event(first)
         raise APIError(500, f"The worker's first event was {first.type}, not started.", type="server_error")
 
-    async def _first_event(self, q: Mailbox, job_id: str,
-                           client_gone: Callable[[], Awaitable[bool]] | None = None) -> AnyEvent:
+    async def _first_event(self, q: Mailbox, job_id: str) -> AnyEvent:
         """The first event of ``job_id`` (a shared queue may still hold an
-        earlier attempt's). Raises 504 if none comes in time, 499 if the
-        client leaves meanwhile."""
+        earlier attempt's). Raises 504 if none comes in time."""
         deadline = time.monotonic() + self.settings.first_event_timeout_s
         while (left := deadline - time.monotonic()) > 0:
-            ev = await next_event(q, min(left, CLIENT_POLL_S))
+            ev = await next_event(q, left)
             if ev is not None and ev.job_id == job_id:
                 return ev
-            if ev is None and client_gone is not None and await client_gone():
-                raise APIError(499, "Client closed the request while its job was queued.", code="client_closed")
         raise APIError(504, f"No worker started the job within {self.settings.first_event_timeout_s:.0f} s.",
                        type="server_error", code="queue_timeout")
 

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -37,9 +37,8 @@ from broker.settings import Settings
 
 log = logging.getLogger("llmq.api.responses")
 
-# How often a follower with nothing new looks at its client, and how long
-# it waits before it looks whether its response still exists (deleted meanwhile).
-TICK_S = 0.5
+# How long a follower with nothing new waits before it looks whether its
+# response still exists (deleted meanwhile).
 EXISTS_CHECK_S = 5.0
 
 
@@ -134,57 +133,47 @@ class Responses:
         return state
 
     async def follow(self, record: StoredResponse) -> Follow:
-        """The fold as entries arrive: (state, the events they added), and
-        (state, []) every ``TICK_S`` without any, until the response ends.
-        Raises ``ResponseGone`` if it is deleted meanwhile."""
+        """The fold as entries arrive: (state, the events they added), until
+        the response ends. Raises ``ResponseGone`` if it is deleted meanwhile."""
         state = ResponseFold(record)
         yield state, state.opening()
-        silent_since = time.monotonic()
         async with self._tail.follow(self.store.stream_key(record.id), "0-0") as follower:
             while not state.ended:
                 try:
-                    batch = await asyncio.wait_for(follower.queue.get(), TICK_S)
+                    batch = await asyncio.wait_for(follower.queue.get(), EXISTS_CHECK_S)
                 except TimeoutError:
-                    if time.monotonic() - silent_since > EXISTS_CHECK_S:
-                        silent_since = time.monotonic()
-                        if await self.store.get(record.id) is None:
-                            raise ResponseGone(record.id) from None
-                    yield state, []
+                    if await self.store.get(record.id) is None:
+                        raise ResponseGone(record.id) from None
                     continue
-                silent_since = time.monotonic()
                 events: list[dict[str, Any]] = []
                 for entry_id, fields in batch:
                     events += state.feed(entry_id, fields)
                 yield state, events
 
-    async def wait(self, record: StoredResponse, *, started: bool,
-                   client_gone: Callable[[], Awaitable[bool]]) -> tuple[ResponseFold, list[dict[str, Any]],
+    async def wait(self, record: StoredResponse, *, started: bool) -> tuple[ResponseFold, list[dict[str, Any]],
                                                                          Follow | None]:
         """Follow until the job started (``started``) or the response ended.
         Returns the state, the events so far, and the follow to go on with
-        (None once it ended). A client that leaves meanwhile never got the
-        response's id: its job is cancelled."""
+        (None once it ended). Cancelled meanwhile (its client hung up:
+        ``api/hangup.py``), it cancels the job: that client never got the
+        response's id."""
         events: list[dict[str, Any]] = []
         follow = self.follow(record)
-        looked = time.monotonic()
         try:
             async for state, new in follow:
                 events += new
                 if state.ended or (started and state.worker is not None):
                     break
-                if time.monotonic() - looked < TICK_S:
-                    continue
-                looked = time.monotonic()
-                if await client_gone():
-                    log.info("response %s: client gone before its answer; cancelling", record.id)
-                    await self.cancel_jobs(record)
-                    raise APIError(499, "Client closed the request before its answer.", code="client_closed")
             else:
                 raise AssertionError("a follow ends only with its response")
         except ResponseGone:
             raise response_not_found(record.id) from None
-        except BaseException:
+        except BaseException as exc:
             await follow.aclose()
+            if isinstance(exc, asyncio.CancelledError):
+                log.info("response %s: request cancelled before its answer (client gone); cancelling its job",
+                         record.id, extra={"response_id": record.id, "job_id": record.job.job_id})
+                await asyncio.shield(self.cancel_jobs(record))
             raise
         if state.ended:
             await follow.aclose()

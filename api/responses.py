@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 
 from api.auth import require_api_key
 from api.errors import unsupported
+from api.hangup import CancelOnHangUp
 from api.protocol import ERROR_RESPONSES
 from api.response_events import ResponseFold
 from api.response_protocol import ResponseCreateRequest, StoredResponse
@@ -85,7 +86,8 @@ async def create(body: ResponseCreateRequest, responses: ResponsesDep, request: 
         return JSONResponse(ResponseFold(record).response(), headers=headers)
     # Not background: the answer waits for the worker, so an error found
     # before it starts (context too long, no worker took it) is an HTTP error.
-    state, head, follow = await responses.wait(record, started=body.stream, client_gone=request.is_disconnected)
+    async with CancelOnHangUp(request.receive):
+        state, head, follow = await responses.wait(record, started=body.stream)
     if state.status == "failed" and (not body.stream or state.worker is None):
         raise error_of(state)
     if not body.stream:

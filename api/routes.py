@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from api.auth import require_api_key
 from api.deps import JobsDep, RegistryDep
+from api.hangup import CancelOnHangUp
 from api.jobs import RunningJob
 from api.keys import NamedKey
 from api.protocol import (
@@ -62,32 +63,23 @@ async def _answer(run: RunningJob, shape: Shape, stream_it: bool, include_usage:
     if stream_it:
         # sep="\n": OpenAI frames events as "data: {...}\n\n".
         return TokenStream(stream(run, shape, include_usage), sep="\n", headers=headers)
-    body = await collect(run, shape, request)
+    async with CancelOnHangUp(request.receive):
+        body = await collect(run, shape)
     return JSONResponse(body, headers=headers)
 
 
 @router.post("/chat/completions", response_model=ChatCompletion)
 async def chat_completions(body: ChatCompletionRequest, jobs: JobsDep, request: Request) -> Any:
     body.check_limits(request.app.state.settings)
-    run = await jobs.submit(
-        model=body.model,
-        **body.job_fields(),
-        api_key=_key(request),
-        id_prefix="chatcmpl",
-        client_gone=request.is_disconnected,
-    )
+    async with CancelOnHangUp(request.receive):  # a job left in the queue is skipped
+        run = await jobs.submit(model=body.model, **body.job_fields(), api_key=_key(request), id_prefix="chatcmpl")
     return await _answer(run, ChatShape(), body.stream, body.include_usage, request)
 
 
 @router.post("/completions", response_model=Completion)
 async def completions(body: CompletionRequest, jobs: JobsDep, request: Request) -> Any:
-    run = await jobs.submit(
-        model=body.model,
-        **body.job_fields(),
-        api_key=_key(request),
-        id_prefix="cmpl",
-        client_gone=request.is_disconnected,
-    )
+    async with CancelOnHangUp(request.receive):  # a job left in the queue is skipped
+        run = await jobs.submit(model=body.model, **body.job_fields(), api_key=_key(request), id_prefix="cmpl")
     return await _answer(run, CompletionShape(), body.stream, body.include_usage, request)
 
 

@@ -16,10 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sse_starlette import EventSourceResponse
-from starlette.requests import Request
 from starlette.types import Message, Send
 
-from api.errors import APIError
 from api.jobs import Restarted, RunningJob, error_from_event
 from api.protocol import (
     ChatChoice,
@@ -38,8 +36,6 @@ from api.protocol import (
 from broker.schemas import (
     AnyEvent, Delta, Done, Error, FunctionCall, Job, Started, TokenLogprob, ToolCall, ToolCallDelta, tier_of,
 )
-
-DISCONNECT_POLL_S = 1.0
 
 
 @dataclass
@@ -264,19 +260,16 @@ async def stream(run: RunningJob, shape: Shape, include_usage: bool) -> AsyncIte
         await asyncio.shield(run.close())
 
 
-async def collect(run: RunningJob, shape: Shape, request: Request) -> dict[str, Any]:
-    """The whole answer as one body. Looks for a client that hung up between
-    events, since a non-streaming route is not cancelled when its client leaves."""
+async def collect(run: RunningJob, shape: Shape) -> dict[str, Any]:
+    """The whole answer as one body. Run it under ``CancelOnHangUp``: a
+    non-streaming route is not cancelled when its client leaves."""
     choices = [ChoiceResult(index=i) for i in range(run.job.n)]
     completion_tokens = 0
     try:
-        async for ev in run.events(tick_s=DISCONNECT_POLL_S, client_saw_tokens=False):
+        async for ev in run.events(client_saw_tokens=False):
             if isinstance(ev, Restarted):  # a new worker starts over
                 choices = [ChoiceResult(index=i) for i in range(run.job.n)]
                 completion_tokens = 0
-            elif ev is None:
-                if await request.is_disconnected():
-                    raise APIError(499, "Client closed the request.", code="client_closed")
             elif isinstance(ev, Delta):
                 choices[ev.index].add(ev)
             elif isinstance(ev, Done):

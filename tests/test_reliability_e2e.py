@@ -247,6 +247,35 @@ def test_client_hangups_free_the_slot_and_skip_queued_jobs(stack: Stack) -> None
         single.stop()
 
 
+def test_hang_ups_mid_answer_without_a_stream_cancel_the_job_at_once(stack: Stack) -> None:
+    """A non-streamed request is not cancelled by the server when its client
+    leaves; the API notices the disconnect itself and cancels the job."""
+    single = start_worker(stack.env, "worker-patient", model_names="patient-model", concurrency=1)
+    r = redis.Redis.from_url(stack.redis_url)
+    requests = {  # answers that run well past the client's 2 s
+        "chat/completions": {"model": "patient-model", "messages": [{"role": "user", "content": "Tell a long story."}],
+                             "max_tokens": 400, "logit_bias": NO_END_BIAS},
+        "responses": {"model": "patient-model", "input": "Write a long story about a dragon.", "temperature": 0,
+                      "max_output_tokens": 400},
+    }
+    try:
+        wait_model(stack.base_url, "patient-model", single)
+        for path, body in requests.items():
+            cancels = single.log.read_text().count(": cancelled after")
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up mid-answer
+                httpx.post(f"{stack.v1}/{path}", json=body, timeout=2.0)
+            hung_up = time.monotonic()
+            wait_for(lambda: single.log.read_text().count(": cancelled after") > cancels, 5,
+                     f"{path}: cancel reached the engine")
+            cancelled = time.monotonic() - hung_up
+            wait_for(lambda: heartbeat_running(r, "worker-patient@") == 0, 5, f"{path}: batch slot freed")
+            line = [ln for ln in single.log.read_text().splitlines() if ": cancelled after" in ln][-1]
+            print(f"{path}: '{line.split('] ')[-1]}' {cancelled:.2f} s after the hang-up")
+            assert cancelled < 0.5  # polling the connection took up to 1.5 s
+    finally:
+        single.stop()
+
+
 def test_flood_gets_answers_or_429(stack: Stack) -> None:
     api, base = start_api({**stack.env, "LLMQ_MAX_QUEUE_DEPTH": "16"}, name="api-flood")
     try:

@@ -333,8 +333,7 @@ class ScriptedRun(RunningJob):
 
     script: list[Delta | Done | Error] = []
 
-    async def events(self, tick_s: float | None = None, *, client_saw_tokens: bool = True
-                     ) -> AsyncIterator[Delta | Done | Error | Restarted | None]:
+    async def events(self, *, client_saw_tokens: bool = True) -> AsyncIterator[Delta | Done | Error | Restarted]:
         for ev in self.script:
             yield ev
         self.finished = True
@@ -361,7 +360,7 @@ def test_collect_and_stream_carry_tool_calls() -> None:
     events: list[Delta | Done | Error] = [*TWO_CALLS, done()]
 
     async def both() -> tuple[dict[str, Any], list[str]]:
-        body = await collect(scripted(events), ChatShape(), request=None)  # type: ignore[arg-type]
+        body = await collect(scripted(events), ChatShape())
         shape: Shape = ChatShape()
         sent = [_data(e) async for e in stream(scripted(events), shape, include_usage=False)]
         return body, sent

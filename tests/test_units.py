@@ -1,8 +1,10 @@
 """Pure units: detokenizer, sampling processor, request validation, worker
-options, Redis names. No services."""
+options, Redis names, the hang-up watch. No services."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 from pydantic import ValidationError
 
 from api.errors import APIError
+from api.hangup import CancelOnHangUp
 from api.protocol import ChatCompletionRequest, CompletionRequest
 from broker.keys import Keys, queue_name
 from broker.schemas import Delta, parse_event
@@ -318,3 +321,64 @@ def test_loop_batcher_gathers_one_step_of_every_streaming_source() -> None:
     sent, last_put, trickle_batches = asyncio.run(run())
     assert sent[1][0] >= last_put + LoopBatcher.QUIET_S  # the late update waited for the quiet
     assert trickle_batches >= 5
+
+
+class FakeReceive:
+    """An ASGI receive channel whose client hangs up when told to."""
+
+    def __init__(self) -> None:
+        self.hang_up = asyncio.Event()
+
+    async def __call__(self) -> dict[str, object]:
+        await self.hang_up.wait()
+        return {"type": "http.disconnect"}
+
+
+def test_a_hang_up_cancels_the_wait_at_once_as_a_499() -> None:
+    async def scenario() -> tuple[float, list[str]]:
+        receive, cleaned = FakeReceive(), []
+        asyncio.get_running_loop().call_later(0.05, receive.hang_up.set)
+        started = time.monotonic()
+        with pytest.raises(APIError) as caught:
+            async with CancelOnHangUp(receive):
+                try:
+                    await asyncio.sleep(30)  # a job waiting in the queue
+                except asyncio.CancelledError:
+                    cleaned.append("job cancelled")
+                    raise
+        assert caught.value.status == 499 and caught.value.code == "client_closed"
+        assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+        return time.monotonic() - started, cleaned
+
+    waited, cleaned = asyncio.run(scenario())
+    assert waited < 0.5 and cleaned == ["job cancelled"]
+
+
+def test_a_hang_up_after_the_block_or_a_cancel_from_elsewhere_is_no_499() -> None:
+    async def after_the_block() -> str:
+        receive = FakeReceive()
+        async with CancelOnHangUp(receive):
+            await asyncio.sleep(0.01)
+        receive.hang_up.set()
+        await asyncio.sleep(0.05)  # the watcher is gone: nothing cancels this
+        return "answered"
+
+    async def stopped_from_elsewhere() -> None:
+        receive = FakeReceive()
+        async with asyncio.timeout(0.05):  # the server, not the client, ends the request
+            async with CancelOnHangUp(receive):
+                await asyncio.sleep(30)
+
+    async def both_at_once() -> None:
+        receive = FakeReceive()
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().call_later(0.02, lambda: (receive.hang_up.set(), task.cancel()))
+        async with CancelOnHangUp(receive):
+            await asyncio.sleep(30)
+
+    assert asyncio.run(after_the_block()) == "answered"
+    with pytest.raises(TimeoutError):
+        asyncio.run(stopped_from_elsewhere())
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(both_at_once())
