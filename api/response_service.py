@@ -171,7 +171,7 @@ class Responses:
         except BaseException as exc:
             await follow.aclose()
             if isinstance(exc, asyncio.CancelledError):
-                log.info("response %s: request cancelled before its answer (client gone); cancelling its job",
+                log.info("response %s: its request ended before the answer (client gone); cancelling its job",
                          record.id, extra={"response_id": record.id, "job_id": record.job.job_id})
                 await asyncio.shield(self.cancel_jobs(record))
             raise
