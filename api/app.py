@@ -11,22 +11,24 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-
 from fastapi.middleware.cors import CORSMiddleware
 
-from api import batches, errors, files, health, limits, responses, web
+from api import errors, health, limits, web
 from api.auth import RateLimitHeaders
-from api.batch_keeper import BatchKeeper
-from api.batch_store import BatchStore
-from api.jobs import Jobs
+from api.batches import files
+from api.batches import routes as batches
+from api.batches.keeper import BatchKeeper
+from api.batches.store import BatchStore
+from api.completions.routes import JOB_ID_HEADER, router
+from api.jobs.lifecycle import Jobs
+from api.jobs.replies import ReplyRouter
 from api.keys import RateLimiter, load_keys
 from api.metrics import Metrics
-from api.replies import ReplyRouter
-from api.response_keeper import ResponseKeeper, token_counter
-from api.response_service import Responses
-from api.response_store import ResponseStore
-from api.response_tail import StreamTail
-from api.routes import JOB_ID_HEADER, router
+from api.responses import routes as responses
+from api.responses.keeper import ResponseKeeper, token_counter
+from api.responses.service import Responses
+from api.responses.store import ResponseStore
+from api.responses.tail import StreamTail
 from broker import __version__
 from broker.celery_app import make_celery
 from broker.connections import async_redis

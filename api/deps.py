@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from api.jobs import Jobs
+from api.jobs.lifecycle import Jobs
 from broker.registry import Registry
 
 

@@ -107,7 +107,7 @@ def _count(request: Request, status: int, code: str | None) -> None:
 def validation_error(problems: Sequence[Any]) -> APIError:
     """The 400 for a body pydantic refused (``ValidationError.errors()`` or a
     ``RequestValidationError``'s), as the routes answer it; batch lines
-    (``api/batch_lines.py``) are refused with the same words."""
+    (``api/batches/lines.py``) are refused with the same words."""
     # Of a union's failed branches (content: str | list[TextPart]) the deepest
     # names the problem: 'messages.0.content.0.type' rather than "not a string".
     first = max(problems, key=lambda e: len(e.get("loc", ())))

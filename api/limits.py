@@ -38,7 +38,7 @@ class BodyLimit:
     def __init__(self, app: ASGIApp, *, max_body_bytes: int, max_upload_bytes: int) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
-        self.max_upload_bytes = max_upload_bytes  # POST /v1/files (api/files.py checks the file itself)
+        self.max_upload_bytes = max_upload_bytes  # POST /v1/files (api/batches/files.py checks the file itself)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

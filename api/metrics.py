@@ -60,11 +60,11 @@ class Metrics:
                                     ["key_name", "outcome"], registry=r)
         self.key_tokens = Counter("llmq:api_key_tokens", "Prompt and completion tokens by API key name.",
                                   ["key_name"], registry=r)
-        # Set by the batch keeper each tick (api/batch_keeper.py), summed over open batches: never per batch id.
+        # Set by the batch keeper each tick (api/batches/keeper.py), summed over open batches: never per batch id.
         self.batches = Gauge("llmq:batches", "Open batches by status.", ["status"], registry=r)
         self.batch_lines = Gauge("llmq:batch_lines", "Lines of open batches: queued (not yet ended), completed, "
                                  "failed.", ["state"], registry=r)
-        # Counted once per response, by the keeper that sees it end (api/response_keeper.py).
+        # Counted once per response, by the keeper that sees it end (api/responses/keeper.py).
         self.responses = Counter("llmq:responses", "Responses (/v1/responses) ended, by status.", ["status"],
                                  registry=r)
         self.worker_batch = Gauge("llmq:worker_batch_size", "Jobs in the worker's batch.", ["worker"], registry=r)

@@ -1,6 +1,6 @@
 """Batch state both sides touch in Redis: what a worker reads before it runs
 a line, and how it stores the line's result exactly once. The API owns the
-rest of a batch's life (``api/batches.py``).
+rest of a batch's life (``api/batches/routes.py``).
 
 A line's result is written with HSETNX into the batch's results hash, and
 its count goes up in the same script: a line that runs twice (a redelivered

@@ -61,10 +61,10 @@ class Settings(BaseSettings):
     # Request limits: bigger bodies get 413, longer conversations 400.
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     max_messages: int = Field(default=1024, ge=1)
-    # Files (/v1/files, api/files.py): kept in Redis, so every API process serves them.
+    # Files (/v1/files, api/batches/files.py): kept in Redis, so every API process serves them.
     files_max_bytes: int = Field(default=100 * 1024 * 1024, ge=1, description="per file; over it a 413")
     files_ttl_s: int = Field(default=30 * 24 * 3600, ge=60, description="how long an uploaded file is kept")
-    # Batches (/v1/batches, api/batches.py). A batch is kept in Redis for its
+    # Batches (/v1/batches, api/batches/routes.py). A batch is kept in Redis for its
     # completion window plus files_ttl_s; every API process's keeper advances
     # the open ones, one process per batch at a time (a lease).
     # Requests per input file, as OpenAI's limit; more fails the whole batch.

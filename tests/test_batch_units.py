@@ -8,9 +8,20 @@ import time
 
 import pytest
 
-from api.serving import ChatShape, replay
+from api.completions.answers import ChatShape, replay
 from broker.schemas import (
-    BatchLine, Delta, Done, Error, Job, LineResult, Message, Sampling, Started, TokenLogprob, ToolCallDelta, Timings,
+    BatchLine,
+    Delta,
+    Done,
+    Error,
+    Job,
+    LineResult,
+    Message,
+    Sampling,
+    Started,
+    Timings,
+    TokenLogprob,
+    ToolCallDelta,
     Usage,
 )
 from worker import batchgate

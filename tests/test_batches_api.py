@@ -32,7 +32,17 @@ from broker.batches import record
 from broker.keys import Keys, batch_queue_name, queue_name
 from broker.registry import announce
 from broker.schemas import (
-    Delta, Done, Embeddings, Heartbeat, Job, LineResult, ModelInfo, Started, Timings, TokenLogprob, Usage,
+    Delta,
+    Done,
+    Embeddings,
+    Heartbeat,
+    Job,
+    LineResult,
+    ModelInfo,
+    Started,
+    Timings,
+    TokenLogprob,
+    Usage,
 )
 from tests.procs import Proc, start_api, start_redis, wait_for
 

@@ -1,7 +1,7 @@
 """Pure units of the Responses API: the fold that rebuilds a response and
-its OpenAI events from its stream's entries (api/response_events.py), the
+its OpenAI events from its stream's entries (api/responses/events.py), the
 request's validation and its input items as chat messages
-(api/response_protocol.py), and the compare-and-append of the API's marks
+(api/responses/protocol.py), and the compare-and-append of the API's marks
 against a real redis-server. (The whole path: tests/test_responses_e2e.py.)"""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import redis.asyncio as aioredis
 from openai.types.responses import Response, ResponseStreamEvent
 
 from api.errors import APIError
-from api.response_events import API_FIELD, EVENT_FIELD, Entry, Mark, ResponseFold, fold
-from api.response_items import to_messages
-from api.response_protocol import ResponseCreateRequest, StoredResponse
-from api.response_store import ResponseStore
+from api.responses.events import API_FIELD, EVENT_FIELD, Entry, Mark, ResponseFold, fold
+from api.responses.items import to_messages
+from api.responses.protocol import ResponseCreateRequest, StoredResponse
+from api.responses.store import ResponseStore
 from broker.keys import Keys
 from broker.schemas import AnyEvent, Delta, Done, Error, Started, Timings, ToolCallDelta, Usage
 from broker.settings import Settings

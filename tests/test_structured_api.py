@@ -16,10 +16,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from api.completions.answers import ChatShape, ChoiceResult, CompletionShape, Shape, collect, stream, usage_info
+from api.completions.protocol import ChatCompletionRequest, CompletionRequest
 from api.errors import APIError
-from api.jobs import Restarted, RunningJob
-from api.protocol import ChatCompletionRequest, CompletionRequest
-from api.serving import ChatShape, ChoiceResult, CompletionShape, Shape, collect, stream, usage_info
+from api.jobs.lifecycle import Restarted, RunningJob
 from broker.schemas import (
     Constraint,
     Delta,

@@ -12,8 +12,8 @@ import torch
 from pydantic import ValidationError
 
 from api.errors import APIError
-from api.hangup import CancelOnHangUp
-from api.protocol import ChatCompletionRequest, CompletionRequest
+from api.jobs.hangup import CancelOnHangUp
+from api.completions.protocol import ChatCompletionRequest, CompletionRequest
 from broker.keys import Keys, queue_name
 from broker.schemas import Delta, parse_event
 from tests.procs import DEMO_MODEL_DIR

@@ -14,7 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from broker.schemas import AnyEvent, Error, parse_message
 
-log = logging.getLogger("llmq.api.replies")
+log = logging.getLogger("llmq.api.jobs.replies")
 
 RESUBSCRIBE_DELAY_S = 0.5
 

@@ -4,9 +4,9 @@ response's events stream), following its stream, cancelling and deleting.
 Every response goes through its stream, stored or not, streamed or not,
 background or not: the worker appends the job's events to it, and every
 answer (the SSE events, the final object, ``GET``) is folded from it
-(``api/response_events.py``). A request that waits (not background) follows
+(``api/responses/events.py``). A request that waits (not background) follows
 the stream from the API process that took it; nobody needs to, since each
-process's keeper (``api/response_keeper.py``) acts for responses whose
+process's keeper (``api/responses/keeper.py``) acts for responses whose
 worker is gone.
 """
 
@@ -23,19 +23,19 @@ import redis.asyncio as aioredis
 from celery import Celery
 
 from api.errors import APIError, invalid
-from api.jobs import Jobs, send_job
-from api.response_events import Mark, ResponseFold
-from api.response_keeper import attempt_ids
-from api.response_items import to_messages
-from api.response_protocol import ResponseCreateRequest, StoredResponse
-from api.response_store import ResponseStore, response_not_found
-from api.response_tail import StreamTail
+from api.jobs.lifecycle import Jobs, send_job
+from api.responses.events import Mark, ResponseFold
+from api.responses.items import to_messages
+from api.responses.keeper import attempt_ids
+from api.responses.protocol import ResponseCreateRequest, StoredResponse
+from api.responses.store import ResponseStore, response_not_found
+from api.responses.tail import StreamTail
 from broker.control import leave_waiting, request_cancel
 from broker.keys import Keys
 from broker.schemas import Message
 from broker.settings import Settings
 
-log = logging.getLogger("llmq.api.responses")
+log = logging.getLogger("llmq.api.responses.routes")
 
 # How long a follower with nothing new waits before it looks whether its
 # response still exists (deleted meanwhile).
@@ -155,7 +155,7 @@ class Responses:
         """Follow until the job started (``started``) or the response ended.
         Returns the state, the events so far, and the follow to go on with
         (None once it ended). Cancelled meanwhile (its client hung up:
-        ``api/hangup.py``), it cancels the job: that client never got the
+        ``api/jobs/hangup.py``), it cancels the job: that client never got the
         response's id."""
         events: list[dict[str, Any]] = []
         follow = self.follow(record)

@@ -20,15 +20,15 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from api.auth import require_api_key
+from api.completions.protocol import ERROR_RESPONSES
 from api.errors import APIError, invalid
-from api.protocol import ERROR_RESPONSES
 from broker.keys import Keys
 from broker.settings import Settings
 
-log = logging.getLogger("llmq.api.files")
+log = logging.getLogger("llmq.api.batches.files")
 
 PURPOSES = ("batch",)  # what a client may upload: the files llmq has a use for
-BATCH_OUTPUT = "batch_output"  # a batch's output and error files, written by llmq (api/batch_keeper.py)
+BATCH_OUTPUT = "batch_output"  # a batch's output and error files, written by llmq (api/batches/keeper.py)
 READ_CHUNK = 1024 * 1024
 LIST_BATCH = 100  # file metadata read per round trip when listing
 

@@ -44,9 +44,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from api.response_protocol import StoredResponse
+from api.responses.protocol import StoredResponse
 from broker.schemas import (
-    STREAM_EVENT_FIELD, Delta, Done, Error, FunctionCall, Message, Started, ToolCall, ToolCallDelta, parse_event,
+    STREAM_EVENT_FIELD,
+    Delta,
+    Done,
+    Error,
+    FunctionCall,
+    Message,
+    Started,
+    ToolCall,
+    ToolCallDelta,
+    parse_event,
 )
 
 # The entry fields: the worker's (broker.schemas.STREAM_EVENT_FIELD) and the API's.

@@ -3,7 +3,7 @@
 The batch hash (``Keys.batch``) holds ``status``, ``object`` (the Batch JSON
 less its counts) and the counts ``total``, ``completed``, ``failed``,
 ``enqueued``, which workers bump as lines end (``broker/batches.py``). The
-keeper (``api/batch_keeper.py``) adds a few fields of its own: ``input`` (a
+keeper (``api/batches/keeper.py``) adds a few fields of its own: ``input`` (a
 copy of the input file while the batch is open, so deleting the file does
 not orphan it), ``finalize_as`` (completed or expired, while finalizing) and
 ``output_file`` / ``error_file`` (the result files' ids, chosen once).
@@ -24,8 +24,8 @@ from typing import Any, Literal
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field, field_validator
 
+from api.completions.protocol import Request
 from api.errors import APIError, invalid
-from api.protocol import Request
 from broker.batches import CANCELLING, FINAL, FINALIZING, VALIDATING, record_args
 from broker.keys import Keys
 from broker.schemas import LineResult

@@ -12,11 +12,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from api.auth import require_api_key
-from api.deps import JobsDep, RegistryDep
-from api.hangup import CancelOnHangUp
-from api.jobs import RunningJob
-from api.keys import NamedKey
-from api.protocol import (
+from api.completions.answers import ChatShape, CompletionShape, Shape, TokenStream, collect, stream
+from api.completions.protocol import (
     ERROR_RESPONSES,
     ChatCompletion,
     ChatCompletionRequest,
@@ -29,7 +26,10 @@ from api.protocol import (
     ModelCard,
     ModelList,
 )
-from api.serving import ChatShape, CompletionShape, Shape, TokenStream, collect, stream
+from api.deps import JobsDep, RegistryDep
+from api.jobs.hangup import CancelOnHangUp
+from api.jobs.lifecycle import RunningJob
+from api.keys import NamedKey
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 

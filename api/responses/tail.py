@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from api.response_events import Entry
+from api.responses.events import Entry
 
-log = logging.getLogger("llmq.api.responses")
+log = logging.getLogger("llmq.api.responses.routes")
 
 BLOCK_MS = 1000
 COUNT = 1000  # entries per stream per read

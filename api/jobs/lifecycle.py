@@ -15,21 +15,31 @@ import redis.asyncio as aioredis
 from celery import Celery
 from redis.exceptions import RedisError
 
+from api.completions.protocol import ToolChoice
 from api.errors import APIError, model_not_found, no_live_worker, queue_full, wrong_model_kind
+from api.jobs.replies import AnyEvent, Mailbox, ReplyRouter, Ticker, next_event
 from api.keys import NamedKey, RateLimiter
 from api.metrics import JobFigures, Metrics
-from api.protocol import ToolChoice
-from api.replies import AnyEvent, Mailbox, ReplyRouter, Ticker, next_event
 from broker.celery_app import GENERATE_TASK
 from broker.control import admit, leave_waiting, request_cancel
 from broker.keys import Keys, queue_name
 from broker.registry import Registry
 from broker.schemas import (
-    DEFAULT_PRIORITY, Constraint, Delta, Done, Embeddings, Error, Job, Message, Sampling, Started, Tool,
+    DEFAULT_PRIORITY,
+    Constraint,
+    Delta,
+    Done,
+    Embeddings,
+    Error,
+    Job,
+    Message,
+    Sampling,
+    Started,
+    Tool,
 )
 from broker.settings import Settings
 
-log = logging.getLogger("llmq.api.jobs")
+log = logging.getLogger("llmq.api.jobs.lifecycle")
 
 # A job whose worker dies before its first token is sent again, this often.
 MAX_RESUBMITS = 2
@@ -257,7 +267,7 @@ class Jobs:
         id_prefix: str,
     ) -> RunningJob:
         """Enqueue a generation job and wait until a worker starts it.
-        Cancelled meanwhile (its client hung up: ``api/hangup.py``), it
+        Cancelled meanwhile (its client hung up: ``api/jobs/hangup.py``), it
         cancels the job, which the worker then skips without generating."""
         accepted_at = time.monotonic()
         queue = await self.admit(model, "chat")

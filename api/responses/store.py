@@ -15,8 +15,8 @@ from collections.abc import Mapping
 import redis.asyncio as aioredis
 
 from api.errors import APIError
-from api.response_events import API_FIELD, Entry, Mark
-from api.response_protocol import StoredResponse
+from api.responses.events import API_FIELD, Entry, Mark
+from api.responses.protocol import StoredResponse
 from broker.keys import Keys
 from broker.settings import Settings
 

@@ -1,6 +1,6 @@
 """The loop of a keeper: one tick every so often, or at once when woken.
 
-Both keepers (``api/batch_keeper.py``, ``api/response_keeper.py``) run in
+Both keepers (``api/batches/keeper.py``, ``api/responses/keeper.py``) run in
 every API process and must outlive a Redis outage without flooding the log.
 """
 

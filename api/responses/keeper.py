@@ -4,7 +4,7 @@ process died).
 
 Every ``TICK_S`` it reads the open responses (``Keys.responses_open``) and
 the entries their streams gained since it last looked, folds them
-(``api/response_events.py``), and:
+(``api/responses/events.py``), and:
 
 - a response that ended: its end is counted once (metrics, the API key's
   tokens, one log line), then it leaves the open set; a ``store: false`` one
@@ -34,18 +34,18 @@ from collections.abc import Awaitable, Callable
 import redis.asyncio as aioredis
 from celery import Celery
 
-from api.jobs import MAX_RESUBMITS, send_job
+from api.jobs.lifecycle import MAX_RESUBMITS, send_job
+from api.jobs.ticking import tick_forever
 from api.keys import NamedKey
 from api.metrics import Metrics
-from api.response_events import Mark, ResponseFold
-from api.response_store import ResponseStore
-from api.ticking import tick_forever
+from api.responses.events import Mark, ResponseFold
+from api.responses.store import ResponseStore
 from broker.control import leave_waiting, request_cancel
 from broker.keys import Keys, queue_name
 from broker.registry import Registry
 from broker.settings import Settings
 
-log = logging.getLogger("llmq.api.responses")
+log = logging.getLogger("llmq.api.responses.routes")
 
 TICK_S = 1.0
 UNSTORED_LINGER_S = 30.0

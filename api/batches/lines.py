@@ -22,17 +22,22 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from api.batch_store import CHAT, COMPLETIONS, EMBEDDINGS, Batch, BatchError
-from api.errors import APIError, model_not_found, unsupported, validation_error, wrong_model_kind
-from api.jobs import error_from_event
-from api.protocol import (
-    ChatCompletionRequest, CompletionRequest, EmbeddingData, EmbeddingList, EmbeddingRequest, EmbeddingUsage,
+from api.batches.store import CHAT, COMPLETIONS, EMBEDDINGS, Batch, BatchError
+from api.completions.answers import ChatShape, CompletionShape, replay
+from api.completions.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingData,
+    EmbeddingList,
+    EmbeddingRequest,
+    EmbeddingUsage,
 )
-from api.serving import ChatShape, CompletionShape, replay
+from api.errors import APIError, model_not_found, unsupported, validation_error, wrong_model_kind
+from api.jobs.lifecycle import error_from_event
 from broker.schemas import BATCH_PRIORITY, BatchLine, Embeddings, Error, Job, LineResult, ModelInfo
 from broker.settings import Settings
 
-log = logging.getLogger("llmq.api.batches")
+log = logging.getLogger("llmq.api.batches.routes")
 
 MAX_PROBLEMS = 100  # structural problems reported per input file: enough to fix many at once
 LINE_FIELDS = frozenset({"custom_id", "method", "url", "body"})
@@ -55,7 +60,7 @@ class InputLine:
 
 @dataclass(frozen=True)
 class LineAnswer:
-    """What ``replay`` names besides the choices (``api.serving.Answered``)."""
+    """What ``replay`` names besides the choices (``api.completions.answers.Answered``)."""
 
     job_id: str
     created: int

@@ -1,8 +1,8 @@
 """OpenAI's Batch API (``/v1/batches``): thin routes over the batch store.
 
-A batch lives in Redis (``api/batch_store.py``), so every API process
+A batch lives in Redis (``api/batches/store.py``), so every API process
 answers for every batch and a batch outlives the process that accepted it;
-each process's keeper (``api/batch_keeper.py``) moves open batches along,
+each process's keeper (``api/batches/keeper.py``) moves open batches along,
 and the lines themselves run on workers at the lowest priority.
 """
 
@@ -14,14 +14,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 
 from api.auth import require_api_key
-from api.batch_keeper import BatchKeeper
-from api.batch_store import Batch, BatchCreateRequest, BatchList, BatchStore
+from api.batches.files import PURPOSES
+from api.batches.files import StoreDep as FilesDep
+from api.batches.keeper import BatchKeeper
+from api.batches.store import Batch, BatchCreateRequest, BatchList, BatchStore
+from api.completions.protocol import ERROR_RESPONSES
 from api.errors import APIError
-from api.files import PURPOSES
-from api.files import StoreDep as FilesDep
-from api.protocol import ERROR_RESPONSES
 
-log = logging.getLogger("llmq.api.batches")
+log = logging.getLogger("llmq.api.batches.routes")
 
 
 def _store(request: Request) -> BatchStore:

@@ -1,5 +1,5 @@
 """OpenAI's Responses API (``/v1/responses``): thin routes over the
-responses service (``api/response_service.py``).
+responses service (``api/responses/service.py``).
 
 A stream (``stream: true``, or ``GET ?stream=true&starting_after=N``) sends
 OpenAI's events as ``event: <type>`` / ``data: <json>`` pairs, each with its
@@ -20,14 +20,14 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from api.auth import require_api_key
+from api.completions.answers import TokenStream
+from api.completions.protocol import ERROR_RESPONSES
+from api.completions.routes import JOB_ID_HEADER
 from api.errors import unsupported
-from api.hangup import CancelOnHangUp
-from api.protocol import ERROR_RESPONSES
-from api.response_events import ResponseFold
-from api.response_protocol import ResponseCreateRequest, StoredResponse
-from api.response_service import Follow, ResponseGone, Responses, error_of
-from api.routes import JOB_ID_HEADER
-from api.serving import TokenStream
+from api.jobs.hangup import CancelOnHangUp
+from api.responses.events import ResponseFold
+from api.responses.protocol import ResponseCreateRequest, StoredResponse
+from api.responses.service import Follow, ResponseGone, Responses, error_of
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 

@@ -1,10 +1,10 @@
 """OpenAI's Responses API on the wire (``POST /v1/responses``): the request,
 its tools and text format, and what they become for a job (tools, a
-constraint, sampling; its input items: ``api/response_items.py``); and
+constraint, sampling; its input items: ``api/responses/items.py``); and
 ``StoredResponse``, what is kept of a request in Redis
-(``api/response_store.py``).
+(``api/responses/store.py``).
 
-As in ``api/protocol.py``: unknown fields are a 400 naming them; fields
+As in ``api/completions/protocol.py``: unknown fields are a 400 naming them; fields
 OpenAI defines that llmq does not honour are declared and refused when set
 to anything but their neutral value, never accepted and ignored.
 """
@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from api.completions.protocol import GREEDY_BELOW_TEMPERATURE, TOOL_CHOICE_MODES, Request, ToolChoice
 from api.errors import invalid, unsupported
-from api.protocol import GREEDY_BELOW_TEMPERATURE, TOOL_CHOICE_MODES, Request, ToolChoice
-from api.response_items import InputItem, MessageItem, parse_item
+from api.responses.items import InputItem, MessageItem, parse_item
 from broker.schemas import SERVICE_TIERS, Constraint, Function, Job, Message, Sampling, Tool
 
 # OpenAI's limits on metadata: 16 pairs, keys up to 64 characters, values up to 512.

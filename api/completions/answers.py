@@ -18,8 +18,7 @@ from typing import Any, Protocol
 from sse_starlette import EventSourceResponse
 from starlette.types import Message, Send
 
-from api.jobs import Restarted, RunningJob, error_from_event
-from api.protocol import (
+from api.completions.protocol import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
@@ -33,8 +32,19 @@ from api.protocol import (
     TopLogprob,
     UsageInfo,
 )
+from api.jobs.lifecycle import Restarted, RunningJob, error_from_event
 from broker.schemas import (
-    AnyEvent, Delta, Done, Error, FunctionCall, Job, Started, TokenLogprob, ToolCall, ToolCallDelta, tier_of,
+    AnyEvent,
+    Delta,
+    Done,
+    Error,
+    FunctionCall,
+    Job,
+    Started,
+    TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
+    tier_of,
 )
 
 
@@ -70,7 +80,7 @@ def usage_info(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
 
 class Answered(Protocol):
     """What a whole body names besides its choices: a ``RunningJob``, or a
-    batch line's stored result (``api/batches.py``)."""
+    batch line's stored result (``api/batches/routes.py``)."""
 
     @property
     def job_id(self) -> str: ...

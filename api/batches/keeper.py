@@ -31,20 +31,20 @@ from collections.abc import Iterable
 from celery import Celery
 from redis.exceptions import RedisError
 
-from api.batch_lines import InputLine, job_id, jobs_or_refusals, model_names, parse, render_all
-from api.batch_store import Batch, BatchError, BatchErrors, BatchState, BatchStore, RequestCounts
+from api.batches.files import BATCH_OUTPUT, FileStore, new_file_id
+from api.batches.lines import InputLine, job_id, jobs_or_refusals, model_names, parse, render_all
+from api.batches.store import Batch, BatchError, BatchErrors, BatchState, BatchStore, RequestCounts
 from api.errors import APIError
-from api.files import BATCH_OUTPUT, FileStore, new_file_id
-from api.jobs import send_job
+from api.jobs.lifecycle import send_job
+from api.jobs.ticking import tick_forever
 from api.metrics import Metrics
-from api.ticking import tick_forever
 from broker.batches import CANCELLED, CANCELLING, COMPLETED, EXPIRED, FAILED, FINAL, FINALIZING, IN_PROGRESS, VALIDATING
 from broker.keys import batch_queue_name
 from broker.registry import Registry
 from broker.schemas import Job, LineResult
 from broker.settings import Settings
 
-log = logging.getLogger("llmq.api.batches")
+log = logging.getLogger("llmq.api.batches.routes")
 
 CHUNK = 500  # lines per step: sent or rendered between two saves of the position and Redis round trips
 OPEN_STATUSES = (VALIDATING, IN_PROGRESS, FINALIZING, CANCELLING)
