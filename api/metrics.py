@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from broker.keys import queue_name
+from broker.keys import priority_lists, queue_name
 from broker.registry import Registry
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
@@ -108,7 +108,10 @@ class Metrics:
             gauge.clear()  # gone models and workers must not linger
         for name, model in live.items():
             self.workers.labels(name).set(len(model.workers))
-            self.waiting.labels(name).set(int(await r.llen(queue_name(name))))
+            async with r.pipeline(transaction=False) as pipe:
+                for key in priority_lists(queue_name(name)):
+                    pipe.llen(key)
+                self.waiting.labels(name).set(sum(await pipe.execute()))
             self.running.labels(name).set(sum(m.running for w in model.workers for m in w.models if m.name == name))
         for w in await registry.workers():
             self.worker_batch.labels(w.worker_id).set(w.running)

@@ -14,6 +14,19 @@ def queue_name(model: str) -> str:
     return f"{QUEUE_PREFIX}{model}"
 
 
+# Kombu's Redis transport keeps a queue's messages in one list per priority
+# step: the queue's own name for step 0, the name plus this separator and the
+# step for the others (kombu.transport.redis: Channel.sep, PRIORITY_STEPS;
+# tests/test_kombu_layout.py checks it).
+KOMBU_PRIORITY_SEP = "\x06\x16"
+KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
+
+
+def priority_lists(queue: str) -> list[str]:
+    """The Redis lists that hold a Celery queue's waiting messages, one per priority step."""
+    return [queue if step == 0 else f"{queue}{KOMBU_PRIORITY_SEP}{step}" for step in KOMBU_PRIORITY_STEPS]
+
+
 def batch_queue_name(model: str) -> str:
     """The Celery queue of a model's batch lines. A worker takes from it only
     while it has room for batch work (``worker/batchgate.py``); its name
