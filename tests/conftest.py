@@ -19,6 +19,16 @@ HEARTBEAT_INTERVAL_S = 0.5
 HEARTBEAT_TTL_S = 2.0
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test of an ``*_e2e.py`` file, and every test that uses the
+    stack, is ``e2e``, marked or not: ``-m "not e2e"`` must never start the
+    stack (three such files once lacked the mark, and the fast run started
+    the whole stack for them)."""
+    for item in items:
+        if item.path.name.endswith("_e2e.py") or "stack" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
+
+
 @dataclass
 class Stack:
     redis_url: str
