@@ -58,6 +58,9 @@ class Settings(BaseSettings):
         default_factory=lambda: ["authorization", "content-type"]
     )
     log_format: Literal["text", "json"] = "text"
+    # The Python that `llmq worker --engine vllm` runs Celery with: vLLM's own
+    # virtualenv (cli/argv.py; unset, the checkout's .venv-vllm).
+    vllm_python: Path | None = None
     # Request limits: bigger bodies get 413, longer conversations 400.
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     max_messages: int = Field(default=1024, ge=1)

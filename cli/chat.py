@@ -12,6 +12,7 @@ exits.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -307,6 +308,10 @@ class Chat:
 
 
 def run(opts: ChatOptions) -> int:
+    # Ctrl-C is this command's own feature, so it sets its handler itself: a
+    # parent that ignores SIGINT (a non-interactive shell's background job)
+    # leaves it ignored in Python, and Ctrl-C would then do nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     interactive = sys.stdin.isatty()
     view: View = RichView() if sys.stdout.isatty() else PlainView(labels=interactive)
     # No silent retries: a user at a prompt should see a 503 or 429 at once.

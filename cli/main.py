@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import sys
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from broker.keys import queue_name
+from cli.argv import worker_argv
 from cli.batch import app as batch_app  # typer only: openai loads inside its commands
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="llmq: serve language models from a job queue.")
@@ -26,52 +26,17 @@ def api(
     """Run the OpenAI-compatible API (settings from LLMQ_* variables)."""
     import uvicorn
 
+    from api.app import create_app
     from api.logs import logging_config
     from broker.settings import Settings
 
-    if api_key:
-        # The app factory builds its Settings from the environment.
-        os.environ["LLMQ_API_KEYS"] = ",".join(api_key)
-    log_config = logging_config(Settings().log_format, log_level.upper())
-
-    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, log_level=log_level, log_config=log_config)
-
-
-VLLM_VENV = Path(__file__).resolve().parents[1] / ".venv-vllm"  # make install-vllm
-
-
-def engine_python(engine: str) -> str:
-    """The Python that runs a worker of this engine: vLLM lives in a
-    virtualenv of its own (LLMQ_VLLM_PYTHON, else the checkout's .venv-vllm);
-    the other engines run in this one."""
-    if engine != "vllm":
-        return sys.executable
-    python = os.environ.get("LLMQ_VLLM_PYTHON") or str(VLLM_VENV / "bin" / "python")
-    return python if Path(python).exists() else sys.executable
-
-
-def worker_argv(model_paths: list[str], model_names: list[str], concurrency: int, extra: list[str],
-                engine: str = "transformers") -> list[str]:
-    """The exact ``celery worker`` command line ``llmq worker`` runs."""
-    from worker.loading import ModelSpec  # no torch import: loading imports it lazily
-
-    served = []
-    for i, path in enumerate(model_paths):
-        names = tuple(n for n in model_names[i].split(",") if n) if i < len(model_names) else ()
-        served.extend(ModelSpec(path=path, names=names).served_names())
-    argv = [
-        engine_python(engine), "-m", "celery", "-A", "worker.app", "worker",
-        "--pool", "threads", "--concurrency", str(concurrency),
-        "--hostname", f"llmq-{served[0]}@%h" if served else "llmq@%h",
-        "--queues", ",".join(queue_name(n) for n in served),
-        "--task-events", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
-        "--max-batch-size", str(concurrency), "--engine", engine,
-    ]
-    for i, path in enumerate(model_paths):
-        argv += ["--model-path", path]
-        if i < len(model_names):
-            argv += ["--model-name", model_names[i]]
-    return argv + extra
+    # --api-key takes the comma-separated form LLMQ_API_KEYS takes, and wins over it.
+    settings = Settings(api_keys=",".join(api_key)) if api_key else Settings()
+    log_config = logging_config(settings.log_format, log_level.upper())
+    # A factory, so that the app is built once uvicorn has set up logging. An
+    # object, not an import string, is enough: no --reload, one process.
+    uvicorn.run(partial(create_app, settings), factory=True, host=host, port=port, log_level=log_level,
+                log_config=log_config)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -84,11 +49,12 @@ def worker(
 ) -> None:
     """Run a Celery worker for the given model(s); extra options go to the worker
     (--dtype, --device, --context-length, --chat-template, --hostname ...)."""
+    from broker.settings import Settings
     from worker.engines import ENGINES  # no engine import: each engine's module loads on demand
 
     if engine not in ENGINES:
         raise typer.BadParameter(f"{engine!r}; pick one of {', '.join(ENGINES)}", param_hint="--engine")
-    argv = worker_argv(model_path, model_name or [], concurrency, list(ctx.args), engine)
+    argv = worker_argv(model_path, model_name or [], concurrency, list(ctx.args), engine, settings=Settings())
     typer.echo(" ".join(argv[1:]), err=True)
     os.execv(argv[0], argv)
 
@@ -111,9 +77,10 @@ def up(
     redis_port: Annotated[int, typer.Option(help="port of the Redis this starts")] = 6379,
 ) -> None:
     """Start Redis, the API, a worker for the demo model and Flower; Ctrl-C stops them."""
+    from broker.settings import Settings
     from cli.up import run_stack
 
-    raise typer.Exit(run_stack(api_port=port, flower_port=flower_port, redis_port=redis_port))
+    raise typer.Exit(run_stack(Settings(), api_port=port, flower_port=flower_port, redis_port=redis_port))
 
 
 @app.command()

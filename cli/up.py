@@ -18,8 +18,9 @@ from pathlib import Path
 
 from rich.console import Console
 
+from broker.settings import Settings
+from cli.argv import worker_argv
 from cli.demo_model import DEFAULT_DIR, DEMO_MODEL_NAME, EMBEDDING_MODEL_NAME, build, embedding_model_dir
-from cli.main import worker_argv
 
 console = Console()
 VAR = Path("var")
@@ -37,11 +38,12 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout_s: f
     raise RuntimeError(f"{what} did not open port {port} within {timeout_s:.0f} s")
 
 
-def _wait_model(api_port: int, model: str, proc: subprocess.Popen[bytes], timeout_s: float = 180) -> None:
+def _wait_model(api_port: int, model: str, proc: subprocess.Popen[bytes], settings: Settings,
+                timeout_s: float = 180) -> None:
     import httpx
 
-    keys = [k for k in os.environ.get("LLMQ_API_KEYS", "").split(",") if k.strip()]
-    headers = {"Authorization": f"Bearer {keys[0].strip()}"} if keys else {}
+    # The API child reads the same LLMQ_API_KEYS: any one of them is let in.
+    headers = {"Authorization": f"Bearer {settings.api_keys[0]}"} if settings.api_keys else {}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -60,7 +62,9 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def run_stack(*, api_port: int, flower_port: int, redis_port: int) -> int:
+def run_stack(settings: Settings, *, api_port: int, flower_port: int, redis_port: int) -> int:
+    """``settings`` are this process's, from the environment the children
+    inherit (with the Redis URL of the Redis started here)."""
     logs = VAR / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     (VAR / "redis").mkdir(parents=True, exist_ok=True)
@@ -99,12 +103,13 @@ def run_stack(*, api_port: int, flower_port: int, redis_port: int) -> int:
         _wait_port(redis_port, redis, "redis-server")
         api = spawn("api", [sys.executable, "-m", "cli.main", "api", "--port", str(api_port)])
         _wait_port(api_port, api, "the API")
-        worker = spawn("worker", worker_argv([str(model_dir)], [DEMO_MODEL_NAME], 16, []))
-        embedder = spawn("worker-embeddings", worker_argv([str(embedding_model_dir())], [EMBEDDING_MODEL_NAME], 4, []))
+        worker = spawn("worker", worker_argv([str(model_dir)], [DEMO_MODEL_NAME], 16, [], settings=settings))
+        embedder = spawn("worker-embeddings", worker_argv([str(embedding_model_dir())], [EMBEDDING_MODEL_NAME], 4, [],
+                                                          settings=settings))
         spawn("flower", [sys.executable, "-m", "celery", "--broker", redis_url, "flower",
                          f"--port={flower_port}", "--address=127.0.0.1"])
-        _wait_model(api_port, DEMO_MODEL_NAME, worker)
-        _wait_model(api_port, EMBEDDING_MODEL_NAME, embedder)
+        _wait_model(api_port, DEMO_MODEL_NAME, worker, settings)
+        _wait_model(api_port, EMBEDDING_MODEL_NAME, embedder, settings)
         console.print(f"""
 [bold green]llmq is up[/]
   Web chat                 http://127.0.0.1:{api_port}/

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -46,6 +47,13 @@ def child_env() -> dict[str, str]:
     return {**env, "TERM": "xterm-256color", "PYTHONUNBUFFERED": "1"}
 
 
+def ignore_sigint() -> None:
+    """The CLI starts with SIGINT ignored, as a background job of a
+    non-interactive shell does (Python then leaves it ignored): its Ctrl-C
+    must work all the same, however this test run was started."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @pytest.fixture
 def terminal(stack: Stack, request: pytest.FixtureRequest) -> Iterator[pexpect.spawn]:
     max_tokens = getattr(request, "param", 24)
@@ -54,7 +62,7 @@ def terminal(stack: Stack, request: pytest.FixtureRequest) -> Iterator[pexpect.s
         child = pexpect.spawn(sys.executable, ["-m", "cli.main", "chat", "--base-url", stack.v1, "--model", stack.model,
                                                "--temperature", "0", "--max-tokens", str(max_tokens)],
                               cwd=str(ROOT), env=child_env(), encoding="utf-8", codec_errors="replace",
-                              dimensions=(50, 200), timeout=TURN_S)
+                              dimensions=(50, 200), timeout=TURN_S, preexec_fn=ignore_sigint)
         child.logfile_read = log
         try:
             child.expect_exact(PROMPT, timeout=30)

@@ -239,7 +239,9 @@ def test_llmq_worker_builds_a_celery_command_line_celery_accepts(services: dict[
     from celery import Celery
     from celery.bin.celery import celery
 
-    from cli.main import app, worker_argv
+    from broker.settings import Settings
+    from cli.argv import worker_argv
+    from cli.main import app
 
     worker = typer.main.get_command(app).commands["worker"]  # type: ignore[attr-defined]
     runs = [(s, a) for s, a in llmq_commands(services) if a[1] == "worker"]
@@ -247,7 +249,7 @@ def test_llmq_worker_builds_a_celery_command_line_celery_accepts(services: dict[
     for service, argv in runs:
         ctx = worker.make_context("worker", argv[2:])
         full = worker_argv(ctx.params["model_path"], ctx.params["model_name"] or [],
-                           ctx.params["concurrency"], list(ctx.args), ctx.params["engine"])
+                           ctx.params["concurrency"], list(ctx.args), ctx.params["engine"], settings=Settings())
         assert full[1:3] == ["-m", "celery"]
         i = full.index("worker")
         assert celery.make_context("celery", full[3:i]).params["app"] == "worker.app"

@@ -29,7 +29,8 @@ import psutil
 import pytest
 import redis
 
-from cli.main import engine_python
+from broker.settings import Settings
+from cli.argv import engine_python
 from tests.procs import DEMO_MODEL_DIR, NO_END_BIAS, Proc, spawn, start_api, start_redis, wait_for, wait_model
 
 pytestmark = pytest.mark.e2e
@@ -81,7 +82,7 @@ def start_engine_worker(engine: str, env: dict[str, str], name: str) -> Proc:
 @pytest.fixture(scope="module", params=ENGINES)
 def es(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineStack]:
     engine: str = request.param
-    if engine == "vllm" and engine_python("vllm") == sys.executable:
+    if engine == "vllm" and engine_python("vllm", Settings()) == sys.executable:
         pytest.fail("vLLM's virtualenv .venv-vllm is missing: run `make install-engines` (make test does)")
     if engine == "llama.cpp" and not (Path(__file__).resolve().parents[1] / ".engines" / "llama-server").exists():
         pytest.fail("llama-server is missing: run `make install-engines` (make test does)")
