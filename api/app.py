@@ -19,8 +19,9 @@ from api.batches import files
 from api.batches import routes as batches
 from api.batches.keeper import BatchKeeper
 from api.batches.store import BatchStore
-from api.completions.routes import JOB_ID_HEADER, router
-from api.jobs.lifecycle import Jobs
+from api.completions.routes import router
+from api.jobs.interactive import Interactive
+from api.jobs.lifecycle import JOB_ID_HEADER, Jobs
 from api.jobs.replies import ReplyRouter
 from api.keys import RateLimiter, load_keys
 from api.metrics import Metrics
@@ -58,17 +59,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.registry = registry
         app.state.rate_limiter = RateLimiter(r, keys)
         app.state.files = files.FileStore(r, keys, settings)
-        app.state.jobs = Jobs(settings, r, keys, registry, replies, celery, app.state.metrics, app.state.rate_limiter)
+        jobs = Jobs(settings, r, keys, registry, celery, app.state.metrics, app.state.rate_limiter)
+        app.state.interactive = Interactive(jobs, replies)
         app.state.batches = BatchStore(r, keys, settings)
-        app.state.batch_keeper = BatchKeeper(app.state.batches, app.state.files, registry, celery, settings,
-                                             app.state.metrics, instance)
+        app.state.batch_keeper = BatchKeeper(app.state.batches, app.state.files, jobs, app.state.metrics, instance)
         await app.state.batch_keeper.start()
         response_store = ResponseStore(r, keys, settings)
         response_tail = StreamTail(r)
-        app.state.responses = Responses(response_store, response_tail, app.state.jobs, celery, r, keys, settings)
-        app.state.response_keeper = ResponseKeeper(response_store, r, registry, celery, settings, keys,
-                                                   app.state.metrics,
-                                                   token_counter(app.state.api_keys, app.state.jobs.count_tokens))
+        app.state.responses = Responses(response_store, response_tail, jobs, settings)
+        app.state.response_keeper = ResponseKeeper(response_store, jobs, app.state.metrics,
+                                                   token_counter(app.state.api_keys, jobs.count_tokens))
         await response_tail.start()
         await app.state.response_keeper.start()
         log.info("API instance %s up, redis %s, reply channel %s", instance, settings.redis_url, replies.channel)

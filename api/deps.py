@@ -6,17 +6,17 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from api.jobs.lifecycle import Jobs
+from api.jobs.interactive import Interactive
 from broker.registry import Registry
 
 
-def _jobs(request: Request) -> Jobs:
-    return request.app.state.jobs  # type: ignore[no-any-return]
+def _interactive(request: Request) -> Interactive:
+    return request.app.state.interactive  # type: ignore[no-any-return]
 
 
 def _registry(request: Request) -> Registry:
     return request.app.state.registry  # type: ignore[no-any-return]
 
 
-JobsDep = Annotated[Jobs, Depends(_jobs)]
+InteractiveDep = Annotated[Interactive, Depends(_interactive)]
 RegistryDep = Annotated[Registry, Depends(_registry)]

@@ -16,11 +16,32 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError as KombuOperationalError
+from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from broker.schemas import Error
+
 log = logging.getLogger("llmq.api")
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+# Every status but 200 carries OpenAI's error shape. Documented as "default",
+# which also replaces FastAPI's 422 schema: validation errors are 400s here.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "default": {"model": ErrorResponse, "description": "An error in OpenAI's shape"},
+}
 
 
 class APIError(Exception):
@@ -47,6 +68,11 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def error_from_event(ev: Error) -> APIError:
+    """A worker's Error event, as the HTTP error the client gets."""
+    return APIError(ev.status, ev.message, type=ev.error_type, code=ev.code, param=ev.param)
 
 
 def model_not_found(model: str) -> APIError:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page
 
-from api.completions.routes import JOB_ID_HEADER
+from api.jobs.lifecycle import JOB_ID_HEADER
 from tests.browser import needs_chromium
 from tests.conftest import Stack
 from tests.procs import ARTIFACTS, Proc, start_api

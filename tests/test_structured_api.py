@@ -19,7 +19,7 @@ from api.app import create_app
 from api.completions.answers import ChatShape, ChoiceResult, CompletionShape, Shape, collect, stream, usage_info
 from api.completions.protocol import ChatCompletionRequest, CompletionRequest
 from api.errors import APIError
-from api.jobs.lifecycle import Restarted, RunningJob
+from api.jobs.interactive import Restarted, RunningJob
 from broker.schemas import (
     Constraint,
     Delta,
@@ -60,8 +60,8 @@ class FakeJobs:
     def __init__(self) -> None:
         self.kwargs: dict[str, Any] = {}
 
-    async def submit(self, **kwargs: Any) -> RunningJob:
-        self.kwargs = kwargs
+    async def submit(self, job: Job, **kwargs: Any) -> RunningJob:
+        self.kwargs = {**{name: getattr(job, name) for name in job.model_fields_set}, **kwargs}
         raise APIError(503, "stand-in job service", code="submitted")
 
 
@@ -70,7 +70,7 @@ def api() -> tuple[TestClient, FakeJobs]:
     # No `with`: the lifespan (Redis, Celery) never starts; routes, errors and dependencies are real.
     app = create_app(Settings(api_keys=[]))
     jobs = FakeJobs()
-    app.state.jobs = jobs
+    app.state.interactive = jobs
     return TestClient(app), jobs
 
 
@@ -80,7 +80,8 @@ def submitted(api: tuple[TestClient, FakeJobs], path: str, body: dict[str, Any])
     assert r.status_code == 503 and r.json()["error"]["code"] == "submitted", r.text
     # What reached the route is what the worker gets: it must form a valid Job.
     Job(job_id="j", reply_channel="c", submitted_at=0.0, **{k: v for k, v in jobs.kwargs.items()
-                                                            if k in Job.model_fields})
+                                                            if k in Job.model_fields
+                                                            and k not in ("job_id", "reply_channel", "submitted_at")})
     return jobs.kwargs
 
 

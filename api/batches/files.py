@@ -20,8 +20,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from api.auth import require_api_key
-from api.completions.protocol import ERROR_RESPONSES
-from api.errors import APIError, invalid
+from api.errors import ERROR_RESPONSES, APIError, invalid
 from broker.keys import Keys
 from broker.settings import Settings
 

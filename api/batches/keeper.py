@@ -28,21 +28,17 @@ import logging
 import time
 from collections.abc import Iterable
 
-from celery import Celery
 from redis.exceptions import RedisError
 
 from api.batches.files import BATCH_OUTPUT, FileStore, new_file_id
 from api.batches.lines import InputLine, job_id, jobs_or_refusals, model_names, parse, render_all
 from api.batches.store import Batch, BatchError, BatchErrors, BatchState, BatchStore, RequestCounts
 from api.errors import APIError
-from api.jobs.lifecycle import send_job
+from api.jobs.lifecycle import Jobs
 from api.jobs.ticking import tick_forever
 from api.metrics import Metrics
 from broker.batches import CANCELLED, CANCELLING, COMPLETED, EXPIRED, FAILED, FINAL, FINALIZING, IN_PROGRESS, VALIDATING
-from broker.keys import batch_queue_name
-from broker.registry import Registry
 from broker.schemas import Job, LineResult
-from broker.settings import Settings
 
 log = logging.getLogger("llmq.api.batches.routes")
 
@@ -53,13 +49,11 @@ OPEN_STATUSES = (VALIDATING, IN_PROGRESS, FINALIZING, CANCELLING)
 class BatchKeeper:
     """Built once per API process (``app.state.batch_keeper``); ``start`` and ``stop`` in the lifespan."""
 
-    def __init__(self, store: BatchStore, files: FileStore, registry: Registry, celery: Celery, settings: Settings,
-                 metrics: Metrics, instance: str) -> None:
+    def __init__(self, store: BatchStore, files: FileStore, jobs: Jobs, metrics: Metrics, instance: str) -> None:
         self._store = store
         self._files = files
-        self._registry = registry
-        self._celery = celery
-        self._settings = settings
+        self._jobs = jobs
+        self._settings = settings = jobs.settings
         self._metrics = metrics
         self._instance = instance
         self._lease_ms = int(settings.batch_lease_s * 1000)
@@ -241,7 +235,7 @@ class BatchKeeper:
                      first.message)
 
     async def _enqueue(self, b: Batch, position: int, lines: list[InputLine]) -> None:
-        models = await self._registry.last_announced(model_names(lines[position:]))
+        models = await self._jobs.registry.last_announced(model_names(lines[position:]))
         sent = refused = 0
         while position < len(lines):
             if await self._store.status(b.id) != IN_PROGRESS:
@@ -253,15 +247,11 @@ class BatchKeeper:
             if refusals:
                 await self._store.record(b.id, refusals)
             if jobs:
-                await asyncio.to_thread(self._send, jobs)
+                await asyncio.to_thread(self._jobs.send_now, jobs)
             position += len(chunk)
             sent, refused = sent + len(jobs), refused + len(refusals)
             await self._store.set_enqueued(b.id, position)
         log.info("batch %s: %d lines sent to the batch queues, %d refused (in the error file)", b.id, sent, refused)
-
-    def _send(self, jobs: list[Job]) -> None:
-        for job in jobs:
-            send_job(self._celery, job, batch_queue_name(job.model))
 
     async def _to_finalizing(self, b: Batch, outcome: str) -> None:
         finalizing = b.model_copy(update={"status": FINALIZING, "finalizing_at": int(time.time())})

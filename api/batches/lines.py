@@ -24,16 +24,14 @@ from pydantic import ValidationError
 
 from api.batches.store import CHAT, COMPLETIONS, EMBEDDINGS, Batch, BatchError
 from api.completions.answers import ChatShape, CompletionShape, replay
-from api.completions.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
+from api.completions.objects import (
     EmbeddingData,
     EmbeddingList,
-    EmbeddingRequest,
     EmbeddingUsage,
 )
-from api.errors import APIError, model_not_found, unsupported, validation_error, wrong_model_kind
-from api.jobs.lifecycle import error_from_event
+from api.completions.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from api.errors import APIError, error_from_event, unsupported, validation_error
+from api.jobs.lifecycle import check_kind
 from broker.schemas import BATCH_PRIORITY, BatchLine, Embeddings, Error, Job, LineResult, ModelInfo
 from broker.settings import Settings
 
@@ -192,11 +190,7 @@ def prepare(batch: Batch, line: InputLine, submitted_at: float, settings: Settin
 
 def check_model(endpoint: str, model: str, info: ModelInfo | None) -> None:
     """A model no worker ever served, or of the wrong kind, as the route refuses it."""
-    if info is None:
-        raise model_not_found(model)
-    wanted = "embedding" if endpoint == EMBEDDINGS else "chat"
-    if info.kind != wanted:
-        raise wrong_model_kind(model, info.kind)
+    check_kind(model, info, "embedding" if endpoint == EMBEDDINGS else "chat")
 
 
 def job_or_refusal(batch: Batch, line: InputLine, models: Mapping[str, ModelInfo | None], settings: Settings,

@@ -18,8 +18,7 @@ from api.batches.files import PURPOSES
 from api.batches.files import StoreDep as FilesDep
 from api.batches.keeper import BatchKeeper
 from api.batches.store import Batch, BatchCreateRequest, BatchList, BatchStore
-from api.completions.protocol import ERROR_RESPONSES
-from api.errors import APIError
+from api.errors import ERROR_RESPONSES, APIError
 
 log = logging.getLogger("llmq.api.batches.routes")
 

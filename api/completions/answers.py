@@ -15,10 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sse_starlette import EventSourceResponse
-from starlette.types import Message, Send
-
-from api.completions.protocol import (
+from api.completions.objects import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
@@ -32,7 +29,9 @@ from api.completions.protocol import (
     TopLogprob,
     UsageInfo,
 )
-from api.jobs.lifecycle import Restarted, RunningJob, error_from_event
+from api.errors import error_from_event
+from api.jobs.interactive import Restarted, RunningJob
+from api.sse import sse_event
 from broker.schemas import (
     AnyEvent,
     Delta,
@@ -225,24 +224,6 @@ def replay(answered: Answered, shape: Shape, events: list[AnyEvent]) -> dict[str
     return shape.body(answered, choices, usage_info(prompt_tokens, completion_tokens))
 
 
-class TokenStream(EventSourceResponse):
-    """sse-starlette's response, less the anyio cancel scope that it opens
-    around every send to apply ``send_timeout``: with no timeout set (as
-    here) the scope can never fire, and at one event per token it was the
-    largest cost of a streamed token in the API process."""
-
-    async def _send_with_timeout(self, send: Send, message: Message) -> None:
-        if self.send_timeout is None:
-            await send(message)
-        else:
-            await super()._send_with_timeout(send, message)
-
-
-def _sse(data: str) -> bytes:
-    """One SSE event, framed here: sse-starlette passes bytes through as they are."""
-    return b"data: " + data.encode() + b"\n\n"
-
-
 async def stream(run: RunningJob, shape: Shape, include_usage: bool) -> AsyncIterator[bytes]:
     """SSE events for one job. The ``finally`` cancels the job when the
     client leaves (Starlette cancels this generator then)."""
@@ -251,21 +232,21 @@ async def stream(run: RunningJob, shape: Shape, include_usage: bool) -> AsyncIte
         for index in range(run.job.n):
             first = shape.first(run, index)
             if first is not None:
-                yield _sse(first)
+                yield sse_event(first)
         async for ev in run.events():
             if isinstance(ev, Delta):
                 if ev.text or ev.logprobs or ev.tool_calls:
-                    yield _sse(shape.delta(run, ev))
+                    yield sse_event(shape.delta(run, ev))
             elif isinstance(ev, Done):
                 completion_tokens += ev.usage.completion_tokens
-                yield _sse(shape.final(run, ev))
+                yield sse_event(shape.final(run, ev))
             elif isinstance(ev, Error):
                 # Mid-stream errors keep OpenAI's error shape; the SDK raises on them.
                 run.metrics.observe_error(ev.status, ev.code)
-                yield _sse(json.dumps(error_from_event(ev).body(), separators=(",", ":")))
+                yield sse_event(json.dumps(error_from_event(ev).body(), separators=(",", ":")))
         if include_usage and run.finished and not run.failed:
-            yield _sse(shape.usage(run, usage_info(run.started.prompt_tokens, completion_tokens)))
-        yield _sse("[DONE]")
+            yield sse_event(shape.usage(run, usage_info(run.started.prompt_tokens, completion_tokens)))
+        yield sse_event("[DONE]")
     finally:
         await asyncio.shield(run.close())
 

@@ -1,4 +1,6 @@
-"""OpenAI wire models for the routes llmq serves.
+"""OpenAI's request models for the completions routes: chat, text
+completions, embeddings (their answers: ``objects.py``; structured outputs
+and tools: ``structured.py``).
 
 Requests forbid unknown fields (a typo gets a 400 naming it). Fields OpenAI
 defines that the engine does not honour yet are declared, so the client gets
@@ -8,63 +10,15 @@ to anything but their neutral value: never accepted and ignored.
 
 from __future__ import annotations
 
-import json
-import time
-from typing import Any, Literal, TypedDict, get_args
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from api.errors import APIError, invalid, unsupported
-from broker.schemas import SERVICE_TIERS, Constraint, Function, Message, Sampling, Tool, ToolCall
+from api.completions.structured import NamedToolChoice, ResponseFormat, StructuredOutputs, ToolFields, ToolIn
+from api.errors import invalid, unsupported
+from api.wire import GREEDY_BELOW_TEMPERATURE, TOOL_CHOICE_MODES, Request, ToolChoice, ToolChoiceMode
+from broker.schemas import SERVICE_TIERS, Constraint, Message, Sampling, ToolCall
 from broker.settings import Settings
-
-
-class Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _valid_unicode(cls, data: Any) -> Any:
-        # JSON may carry a lone UTF-16 surrogate (escaped as "\ud800", or as the
-        # bytes ED A0 80, which Python's json decodes); Python then holds a string
-        # that no tokenizer, Redis client or UTF-8 encoder accepts.
-        where = _lone_surrogate(data)
-        if where is not None:
-            param = ".".join(where) or None
-            what = f"'{param}'" if param else "The request body"
-            raise APIError(400, f"{what} is not valid UTF-8 text: it holds a lone surrogate (U+D800 to U+DFFF).",
-                           param=param, code="invalid_value")
-        return data
-
-
-def _lone_surrogate(data: Any) -> tuple[str, ...] | None:
-    """The path to a string (value or key) that is not valid Unicode, or None.
-    A loop, not recursion: the JSON may be nested as deep as the parser allows."""
-    todo: list[tuple[Any, tuple[str, ...]]] = [(data, ())]
-    while todo:
-        value, path = todo.pop()
-        if isinstance(value, str):
-            if not _encodes(value):
-                return path
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                if isinstance(key, str) and not _encodes(key):
-                    return path  # never echo the key itself: it cannot be encoded
-                if isinstance(item, str | dict | list):
-                    todo.append((item, (*path, str(key))))
-        elif isinstance(value, list):
-            todo.extend((item, (*path, str(i))) for i, item in enumerate(value) if isinstance(item, str | dict | list))
-    return None
-
-
-def _encodes(text: str) -> bool:
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class StreamOptions(Request):
@@ -100,121 +54,6 @@ class ChatMessageIn(Request):
         return Message(role=role, content=text, tool_calls=self.tool_calls or None, tool_call_id=self.tool_call_id)
 
 
-# ------------------------------------------------------------- structured outputs and tools
-
-
-class JsonSchemaFormat(Request):
-    """``response_format.json_schema``. The engine always holds the output to
-    the schema, so ``strict`` changes nothing."""
-
-    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
-    description: str | None = None
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(Request):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> ResponseFormat:
-        if self.type == "json_schema" and self.json_schema is None:
-            raise invalid("response_format.json_schema",
-                          "'response_format.json_schema' is required when 'response_format.type' is 'json_schema'.")
-        if self.type != "json_schema" and self.json_schema is not None:
-            raise invalid("response_format.json_schema", "'response_format.json_schema' is only allowed when "
-                          f"'response_format.type' is 'json_schema', not {self.type!r}.")
-        return self
-
-    def constraint(self) -> Constraint | None:
-        if self.type == "text":
-            return None
-        # json_object: any JSON object (None); json_schema without a schema: any JSON ({}).
-        schema = None if self.json_schema is None else self.json_schema.schema_ or {}
-        return Constraint(kind="json", json_schema=schema, param="response_format")
-
-
-class StructuredOutputs(Request):
-    """vLLM's extension (the SDK's ``extra_body={"structured_outputs": ...}``):
-    exactly one constraint on the output."""
-
-    choice: list[str] | None = Field(default=None, min_length=1, description="the output is one of these")
-    regex: str | None = Field(default=None, min_length=1)
-    json_: dict[str, Any] | str | None = Field(default=None, alias="json",
-                                               description="a JSON schema, as an object or as its JSON text")
-    grammar: str | None = Field(default=None, min_length=1, description="an EBNF grammar with a root rule")
-
-    @field_validator("json_", mode="before")
-    @classmethod
-    def _schema_object(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except (ValueError, RecursionError):
-                raise invalid("structured_outputs.json", "'structured_outputs.json' is a string but not valid "
-                              "JSON; send the schema as an object or as its JSON text.") from None
-            # The text may escape a lone surrogate that the body check could not see.
-            if _lone_surrogate(value) is not None:
-                raise invalid("structured_outputs.json", "'structured_outputs.json' holds a lone surrogate.")
-        if value is not None and not isinstance(value, dict):
-            raise invalid("structured_outputs.json", "'structured_outputs.json' must be a JSON schema object.")
-        return value
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> StructuredOutputs:
-        given = [k for k, v in (("choice", self.choice), ("regex", self.regex), ("json", self.json_),
-                                ("grammar", self.grammar)) if v is not None]
-        if len(given) != 1:
-            got = ", ".join(repr(k) for k in given) or "none"
-            raise invalid("structured_outputs", "'structured_outputs' takes exactly one of 'choice', 'regex', "
-                          f"'json', 'grammar'; got {got}.")
-        return self
-
-    def constraint(self) -> Constraint:
-        param = "structured_outputs"
-        if self.choice is not None:
-            return Constraint(kind="choice", choices=self.choice, param=param)
-        if self.regex is not None:
-            return Constraint(kind="regex", pattern=self.regex, param=param)
-        if self.grammar is not None:
-            return Constraint(kind="grammar", ebnf=self.grammar, param=param)
-        schema = self.json_ if isinstance(self.json_, dict) else None  # a string was parsed into a dict above
-        return Constraint(kind="json", json_schema=schema, param=param)
-
-
-class ToolIn(Request):
-    type: Literal["function"]
-    function: Function
-
-    def to_tool(self) -> Tool:
-        return Tool(function=self.function)
-
-
-class NamedFunction(Request):
-    name: str
-
-
-class NamedToolChoice(Request):
-    type: Literal["function"]
-    function: NamedFunction
-
-
-ToolChoiceMode = Literal["none", "auto", "required"]
-TOOL_CHOICE_MODES: tuple[str, ...] = get_args(ToolChoiceMode)
-# What the job carries: a mode, or "function" with the function's name beside it.
-ToolChoice = Literal[ToolChoiceMode, "function"]
-
-
-class ToolFields(TypedDict):
-    """The job's tool fields (``Jobs.submit(**body.tool_fields())``)."""
-
-    tools: list[Tool] | None
-    tool_choice: ToolChoice
-    tool_name: str | None
-    parallel_tool_calls: bool
-
-
 # Fields OpenAI defines and llmq refuses, with the value that means "off".
 _REFUSED: dict[str, object] = {
     "functions": None,
@@ -224,11 +63,6 @@ _REFUSED: dict[str, object] = {
 }
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 16
-# Below this the sampler's logits / temperature overflows float32 (1e-300 is 0
-# in float32), and the limit is greedy anyway: such temperatures mean 0.
-GREEDY_BELOW_TEMPERATURE = 1e-5
-
-
 def _effective_temperature(temperature: float | None) -> float:
     if temperature is None:
         return 1.0
@@ -421,111 +255,6 @@ class CompletionRequest(_Generation):
                     priority=self.priority())
 
 
-# ------------------------------------------------------------- responses
-
-
-class UsageInfo(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int]
-
-
-class ChatTokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob]
-
-
-class ChatLogprobs(BaseModel):
-    content: list[ChatTokenLogprob]
-    refusal: None = None
-
-
-class CompletionLogprobs(BaseModel):
-    tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
-    text_offset: list[int]
-
-
-class ChatMessageOut(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str | None = Field(description="null when the answer is only tool calls")
-    tool_calls: list[ToolCall] | None = Field(default=None, description="absent when the answer made no calls")
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: ChatMessageOut
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatChoice]
-    usage: UsageInfo
-    service_tier: str | None = Field(default=None, description="the tier that served it")
-
-
-class ChatChunkChoice(BaseModel):
-    index: int
-    delta: dict[str, Any] = Field(description="role, content and tool_calls, each only when it changes")
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: UsageInfo | None = None
-    service_tier: str | None = Field(default=None, description="the tier that served it")
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class Completion(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: UsageInfo | None = None
-    service_tier: str | None = Field(default=None, description="the tier that served it")
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "llmq"
-    # Extensions: what the registry knows.
-    kind: str
-    context_length: int
-    workers: int
-    capacity: int
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
 # ------------------------------------------------------------- embeddings
 
 
@@ -560,40 +289,3 @@ class EmbeddingRequest(Request):
 MAX_EMBEDDING_INPUTS = 2048
 
 
-class EmbeddingData(BaseModel):
-    object: Literal["embedding"] = "embedding"
-    index: int
-    embedding: list[float] | str
-
-
-class EmbeddingUsage(BaseModel):
-    prompt_tokens: int
-    total_tokens: int
-
-
-class EmbeddingList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[EmbeddingData]
-    model: str
-    usage: EmbeddingUsage
-
-
-# ------------------------------------------------------------- errors
-
-
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorInfo
-
-
-# Every status but 200 carries OpenAI's error shape. Documented as "default",
-# which also replaces FastAPI's 422 schema: validation errors are 400s here.
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    "default": {"model": ErrorResponse, "description": "An error in OpenAI's shape"},
-}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 from array import array
 from typing import Any
 
@@ -12,28 +13,27 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from api.auth import require_api_key
-from api.completions.answers import ChatShape, CompletionShape, Shape, TokenStream, collect, stream
-from api.completions.protocol import (
-    ERROR_RESPONSES,
+from api.completions.answers import ChatShape, CompletionShape, Shape, collect, stream
+from api.completions.objects import (
     ChatCompletion,
-    ChatCompletionRequest,
     Completion,
-    CompletionRequest,
     EmbeddingData,
     EmbeddingList,
-    EmbeddingRequest,
     EmbeddingUsage,
     ModelCard,
     ModelList,
 )
-from api.deps import JobsDep, RegistryDep
+from api.completions.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from api.deps import InteractiveDep, RegistryDep
+from api.errors import ERROR_RESPONSES, validation_error
 from api.jobs.hangup import CancelOnHangUp
-from api.jobs.lifecycle import RunningJob
+from api.jobs.interactive import RunningJob, new_job_id
+from api.jobs.lifecycle import JOB_ID_HEADER
 from api.keys import NamedKey
+from api.sse import TokenStream
+from broker.schemas import Job
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
-
-JOB_ID_HEADER = "x-request-id"
 
 
 def _key(request: Request) -> NamedKey | None:
@@ -58,6 +58,16 @@ async def list_models(registry: RegistryDep) -> ModelList:
     return ModelList(data=cards)
 
 
+def _job(body: ChatCompletionRequest | CompletionRequest | EmbeddingRequest, id_prefix: str) -> Job:
+    """The job a request asks for, as batch lines build it too (``api/batches/lines.py``)."""
+    fields = {"kind": "embedding", "inputs": body.inputs()} if isinstance(body, EmbeddingRequest) else body.job_fields()
+    try:
+        return Job(job_id=new_job_id(id_prefix), model=body.model, **fields, reply_channel="",
+                   submitted_at=time.time())
+    except ValidationError as exc:  # a value the request model let through and the job's does not
+        raise validation_error(exc.errors()) from None
+
+
 async def _answer(run: RunningJob, shape: Shape, stream_it: bool, include_usage: bool, request: Request) -> Any:
     headers = {JOB_ID_HEADER: run.job_id}
     if stream_it:
@@ -69,23 +79,25 @@ async def _answer(run: RunningJob, shape: Shape, stream_it: bool, include_usage:
 
 
 @router.post("/chat/completions", response_model=ChatCompletion)
-async def chat_completions(body: ChatCompletionRequest, jobs: JobsDep, request: Request) -> Any:
+async def chat_completions(body: ChatCompletionRequest, jobs: InteractiveDep, request: Request) -> Any:
     body.check_limits(request.app.state.settings)
+    job = _job(body, "chatcmpl")
     async with CancelOnHangUp(request.receive):  # a job left in the queue is skipped
-        run = await jobs.submit(model=body.model, **body.job_fields(), api_key=_key(request), id_prefix="chatcmpl")
+        run = await jobs.submit(job, api_key=_key(request))
     return await _answer(run, ChatShape(), body.stream, body.include_usage, request)
 
 
 @router.post("/completions", response_model=Completion)
-async def completions(body: CompletionRequest, jobs: JobsDep, request: Request) -> Any:
+async def completions(body: CompletionRequest, jobs: InteractiveDep, request: Request) -> Any:
+    job = _job(body, "cmpl")
     async with CancelOnHangUp(request.receive):  # a job left in the queue is skipped
-        run = await jobs.submit(model=body.model, **body.job_fields(), api_key=_key(request), id_prefix="cmpl")
+        run = await jobs.submit(job, api_key=_key(request))
     return await _answer(run, CompletionShape(), body.stream, body.include_usage, request)
 
 
 @router.post("/embeddings")
-async def embeddings(body: EmbeddingRequest, jobs: JobsDep, request: Request) -> EmbeddingList:
-    result = await jobs.embed(model=body.model, inputs=body.inputs(), api_key=_key(request))
+async def embeddings(body: EmbeddingRequest, jobs: InteractiveDep, request: Request) -> EmbeddingList:
+    result = await jobs.embed(_job(body, "embd"), api_key=_key(request))
     if body.encoding_format == "base64":
         vectors: list[list[float] | str] = list(result.vectors)  # already little-endian float32, as OpenAI sends
     else:
@@ -98,7 +110,7 @@ async def embeddings(body: EmbeddingRequest, jobs: JobsDep, request: Request) ->
 
 
 @router.post("/engines/{model}/embeddings", include_in_schema=False)
-async def engine_embeddings(model: str, body: dict[str, Any], jobs: JobsDep, request: Request) -> EmbeddingList:
+async def engine_embeddings(model: str, body: dict[str, Any], jobs: InteractiveDep, request: Request) -> EmbeddingList:
     """FastChat's older path: the model comes from the URL."""
     try:
         parsed = EmbeddingRequest.model_validate({**body, "model": model})

@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
-from api.completions.protocol import Request
 from api.errors import invalid, unsupported, validation_error
+from api.wire import Request
 from broker.schemas import FunctionCall, Message, ToolCall
 
 

@@ -12,10 +12,11 @@ the entries their streams gained since it last looked, folds them
   by then);
 - a response whose job started and left the queue bound is taken off it;
 - a response whose worker is gone (its heartbeat expired): resubmitted
-  under a new job id if that worker sent no token yet (at most
-  ``MAX_RESUBMITS`` times), else failed (``worker_lost``); one no worker
-  started within ``first_event_timeout_s``, or whose live worker sent
-  nothing for ``event_timeout_s``, is failed too.
+  under a new job id if that worker sent no token yet, else failed
+  (``worker_lost``); one no worker started in time, or whose live worker
+  went silent, is failed too: the lifecycle's one rule
+  (``api/jobs/lifecycle.py``, ``watch``) decides, as for a request that
+  waits.
 
 Several keepers may decide the same thing at once: each appends its mark
 only if the stream's last entry is still the one its decision was taken on
@@ -31,19 +32,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-import redis.asyncio as aioredis
-from celery import Celery
-
-from api.jobs.lifecycle import MAX_RESUBMITS, send_job
+from api.jobs.lifecycle import Jobs, watch
 from api.jobs.ticking import tick_forever
 from api.keys import NamedKey
 from api.metrics import Metrics
 from api.responses.events import Mark, ResponseFold
 from api.responses.store import ResponseStore
-from broker.control import leave_waiting, request_cancel
-from broker.keys import Keys, queue_name
-from broker.registry import Registry
-from broker.settings import Settings
 
 log = logging.getLogger("llmq.api.responses.routes")
 
@@ -51,23 +45,13 @@ TICK_S = 1.0
 UNSTORED_LINGER_S = 30.0
 
 
-def attempt_ids(base: str) -> list[str]:
-    """Every job id a response may have run under."""
-    return [base, *(f"{base}~{n}" for n in range(1, MAX_RESUBMITS + 1))]
-
-
 class ResponseKeeper:
     """Built once per API process (``app.state.response_keeper``); ``start`` and ``stop`` in the lifespan."""
 
-    def __init__(self, store: ResponseStore, r: aioredis.Redis, registry: Registry, celery: Celery,
-                 settings: Settings, keys: Keys, metrics: Metrics,
+    def __init__(self, store: ResponseStore, jobs: Jobs, metrics: Metrics,
                  count_tokens: Callable[[str, int], Awaitable[None]]) -> None:
         self._store = store
-        self._redis = r
-        self._registry = registry
-        self._celery = celery
-        self._settings = settings
-        self._keys = keys
+        self._jobs = jobs
         self._metrics = metrics
         self._count_tokens = count_tokens
         self._folds: dict[str, ResponseFold] = {}
@@ -99,7 +83,7 @@ class ResponseKeeper:
         if not ids:
             return
         looks = await self._store.look(ids, {i: f.last_id for i, f in self._folds.items()})
-        live = {w.worker_id for w in await self._registry.workers()}
+        live = {w.worker_id for w in await self._jobs.registry.workers()}
         now_ms = int(time.time() * 1000)
         for response_id, (exists, has_record, entries) in zip(ids, looks):
             if not has_record:
@@ -127,25 +111,20 @@ class ResponseKeeper:
     async def _look_after(self, state: ResponseFold, live: set[str], now_ms: int) -> None:
         rid = state.record.id
         if (state.worker is not None or state.ended) and rid not in self._unqueued:
-            await leave_waiting(self._redis, self._keys, state.record.model, state.record.job.job_id)
+            await self._jobs.leave_queue(state.record.model, state.record.job.job_id)
             self._unqueued.add(rid)
         if state.ended:
             await self._ended(state, now_ms)
             return
-        s = self._settings
-        if state.worker is None:
-            if now_ms - state.job_since_ms > s.first_event_timeout_s * 1000:
-                await self._fail(state, 504, "queue_timeout", f"No worker started the response's job within "
-                                 f"{s.first_event_timeout_s:.0f} s.")
-        elif state.worker not in live:
-            if not state.had_delta and state.attempts < MAX_RESUBMITS:
-                await self._resubmit(state)
-            else:
-                await self._fail(state, 502, "worker_lost", f"The worker running this response ({state.worker}) "
-                                 "stopped before it finished; the answer is incomplete. Retry the request.")
-        elif now_ms - state.last_ms > s.event_timeout_s * 1000:
-            await self._fail(state, 504, "worker_timeout", f"The worker sent nothing for {s.event_timeout_s:.0f} s; "
-                             "the response was abandoned.")
+        verdict = watch(self._jobs.settings, what="response", worker=state.worker, alive=state.worker in live,
+                        tokens_out=state.had_delta, attempt=state.attempts,
+                        waited_s=(now_ms - state.job_since_ms) / 1000, silent_s=(now_ms - state.last_ms) / 1000)
+        if verdict is None:
+            return
+        if verdict.resubmit:
+            await self._resubmit(state)
+        else:
+            await self._fail(state, verdict.status, verdict.code, verdict.message)
 
     async def _ended(self, state: ResponseFold, now_ms: int) -> None:
         record = state.record
@@ -173,16 +152,16 @@ class ResponseKeeper:
 
     async def _resubmit(self, state: ResponseFold) -> None:
         record, dead = state.record, state.worker
-        new_id = f"{record.job.job_id}~{state.attempts + 1}"
+        job = self._jobs.next_attempt(record.job, state.attempts + 1)
+        new_id = job.job_id
         marked = await self._store.append(record.id, Mark(kind="resubmitted", job_id=new_id), if_last=state.last_id)
         if marked is None:
             return  # another keeper acted first, or the worker spoke meanwhile: the next tick looks again
         log.warning("response %s: worker %s died before the first token of job %s; resubmitting as %s", record.id,
                     dead, state.job_id, new_id, extra={"response_id": record.id, "job_id": new_id})
-        await request_cancel(self._redis, self._keys, state.job_id, self._settings.cancel_ttl_s)
-        job = record.job.model_copy(update={"job_id": new_id, "submitted_at": time.time()})
+        await self._jobs.cancel(state.job_id)
         try:
-            await asyncio.to_thread(send_job, self._celery, job, queue_name(job.model))
+            await self._jobs.send(job)
         except Exception as exc:  # the mark names a job nobody sent: end the response now, not at a timeout
             log.warning("response %s: could not resubmit (%s)", record.id, exc)
             await self._store.append(record.id, Mark(kind="failed", code="resubmit_failed", status=503, message=(
@@ -195,7 +174,7 @@ class ResponseKeeper:
             return
         log.warning("response %s job %s failed (%s): %s", record.id, state.job_id, code, message,
                     extra={"response_id": record.id, "job_id": state.job_id})
-        await request_cancel(self._redis, self._keys, state.job_id, self._settings.cancel_ttl_s)
+        await self._jobs.cancel(state.job_id)
 
 
 def token_counter(keys: list[NamedKey], count: Callable[[NamedKey, int], Awaitable[None]]

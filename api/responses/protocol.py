@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from api.completions.protocol import GREEDY_BELOW_TEMPERATURE, TOOL_CHOICE_MODES, Request, ToolChoice
 from api.errors import invalid, unsupported
 from api.responses.items import InputItem, MessageItem, parse_item
+from api.wire import GREEDY_BELOW_TEMPERATURE, TOOL_CHOICE_MODES, Request, ToolChoice
 from broker.schemas import SERVICE_TIERS, Constraint, Function, Job, Message, Sampling, Tool
 
 # OpenAI's limits on metadata: 16 pairs, keys up to 64 characters, values up to 512.

@@ -20,14 +20,13 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from api.auth import require_api_key
-from api.completions.answers import TokenStream
-from api.completions.protocol import ERROR_RESPONSES
-from api.completions.routes import JOB_ID_HEADER
-from api.errors import unsupported
+from api.errors import ERROR_RESPONSES, unsupported
 from api.jobs.hangup import CancelOnHangUp
+from api.jobs.lifecycle import JOB_ID_HEADER
 from api.responses.events import ResponseFold
 from api.responses.protocol import ResponseCreateRequest, StoredResponse
 from api.responses.service import Follow, ResponseGone, Responses, error_of
+from api.sse import TokenStream
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 

@@ -19,19 +19,13 @@ import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
-import redis.asyncio as aioredis
-from celery import Celery
-
 from api.errors import APIError, invalid
-from api.jobs.lifecycle import Jobs, send_job
+from api.jobs.lifecycle import Jobs, attempt_ids
 from api.responses.events import Mark, ResponseFold
 from api.responses.items import to_messages
-from api.responses.keeper import attempt_ids
 from api.responses.protocol import ResponseCreateRequest, StoredResponse
 from api.responses.store import ResponseStore, response_not_found
 from api.responses.tail import StreamTail
-from broker.control import leave_waiting, request_cancel
-from broker.keys import Keys
 from broker.schemas import Message
 from broker.settings import Settings
 
@@ -62,14 +56,10 @@ def error_of(state: ResponseFold) -> APIError:
 class Responses:
     """Built once per API process (``app.state.responses``)."""
 
-    def __init__(self, store: ResponseStore, tail: StreamTail, jobs: Jobs, celery: Celery, r: aioredis.Redis,
-                 keys: Keys, settings: Settings) -> None:
+    def __init__(self, store: ResponseStore, tail: StreamTail, jobs: Jobs, settings: Settings) -> None:
         self.store = store
         self._tail = tail
         self._jobs = jobs
-        self._celery = celery
-        self._redis = r
-        self._keys = keys
         self._settings = settings
 
     def __repr__(self) -> str:
@@ -88,9 +78,8 @@ class Responses:
         if len(messages) > self._settings.max_messages:
             raise invalid("input", f"The conversation holds {len(messages)} messages; this server takes at most "
                           f"{self._settings.max_messages} (LLMQ_MAX_MESSAGES).")
-        queue = await self._jobs.admit(body.model, "chat")
         response_id = f"resp_{uuid.uuid4().hex}"
-        await self._jobs.enter_queue(body.model, response_id)
+        await self._jobs.admit(body.model, "chat", response_id)
         now = time.time()
         job = body.job(response_id, messages, self.store.stream_key(response_id), now)
         record = StoredResponse(id=response_id, created_at=int(now), model=body.model, background=body.background,
@@ -98,7 +87,7 @@ class Responses:
                                 context_start=len(instructions), api_key=api_key)
         try:
             await self.store.create(record)
-            await asyncio.to_thread(send_job, self._celery, job, queue)
+            await self._jobs.send(job)
         except BaseException:
             await asyncio.shield(self._undo(record))
             raise
@@ -108,7 +97,7 @@ class Responses:
         return record
 
     async def _undo(self, record: StoredResponse) -> None:
-        await leave_waiting(self._redis, self._keys, record.model, record.job.job_id)
+        await self._jobs.leave_queue(record.model, record.job.job_id)
         await self.store.drop(record.id)
 
     async def _history(self, previous_id: str) -> list[Message]:
@@ -186,7 +175,7 @@ class Responses:
         """End the response as cancelled, and its job, whichever attempt runs it."""
         await self.store.append(record.id, Mark(kind="cancelled"))
         for job_id in attempt_ids(record.job.job_id):
-            await request_cancel(self._redis, self._keys, job_id, self._settings.cancel_ttl_s)
+            await self._jobs.cancel(job_id)
 
     async def cancel(self, response_id: str) -> dict[str, Any]:
         record = await self.store.visible(response_id)

@@ -1,0 +1,277 @@
+"""Interactive jobs: chat and text completions and embeddings, whose request
+waits in this API process. Their events come over the process's reply
+channel (``api/jobs/replies.py``) into one mailbox per job; ``RunningJob``
+follows it, judging the job by the lifecycle's one rule
+(``api/jobs/lifecycle.py``) on a timer while no event comes."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from api.errors import APIError, error_from_event
+from api.jobs.lifecycle import Jobs, not_started, watch
+from api.jobs.replies import AnyEvent, Mailbox, ReplyRouter, Ticker, next_event
+from api.keys import NamedKey
+from api.metrics import JobFigures, Metrics
+from broker.schemas import Delta, Done, Embeddings, Error, Job, Started
+
+log = logging.getLogger("llmq.api.jobs")
+
+
+class Restarted:
+    """Yielded by ``RunningJob.events`` when the job was resubmitted."""
+
+
+@dataclass
+class RunningJob:
+    """A job whose worker has started it. Iterate ``events()`` to follow it."""
+
+    job: Job
+    started: Started
+    _queue: Mailbox
+    _jobs: "Interactive"
+    accepted_at: float  # monotonic, when the API took the request
+    finished: bool = False
+    failed: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+    _open_choices: set[int] = field(default_factory=set)
+    _first_token_at: float | None = None
+    _last_token_at: float | None = None
+    _gaps: list[float] = field(default_factory=list)
+    _tokens: dict[int, int] = field(default_factory=dict)  # choice -> tokens so far
+    _reasons: list[str] = field(default_factory=list)
+    _error_code: str | None = None
+    attempt: int = 0
+    public_id: str = ""
+    api_key: NamedKey | None = None  # counted against its limits when the job ends
+    _ticker: Ticker | None = None  # while events() runs
+
+    def __post_init__(self) -> None:
+        self._open_choices = set(range(self.job.n))
+        self.public_id = self.public_id or self.job.job_id
+
+    @property
+    def metrics(self) -> Metrics:
+        return self._jobs.jobs.metrics
+
+    def _track(self, ev: Delta | Done | Error) -> None:
+        """Timings for metrics and the request log line."""
+        now = time.monotonic()
+        if isinstance(ev, Delta) and ev.completion_tokens > self._tokens.get(ev.index, 0):
+            new = ev.completion_tokens - self._tokens.get(ev.index, 0)
+            self._tokens[ev.index] = ev.completion_tokens
+            if self._first_token_at is None:
+                self._first_token_at = now
+            elif self._last_token_at is not None:
+                self._gaps.extend([(now - self._last_token_at) / new] * new)
+            self._last_token_at = now
+        elif isinstance(ev, Done):
+            self._tokens[ev.index] = ev.usage.completion_tokens
+            self._reasons.append(ev.finish_reason)
+        elif isinstance(ev, Error):
+            self._error_code = ev.code or ev.error_type
+
+    @property
+    def job_id(self) -> str:
+        """The id the client sees; a resubmitted job keeps it."""
+        return self.public_id
+
+    async def events(self, *, client_saw_tokens: bool = True) -> AsyncIterator[Delta | Done | Error | Restarted]:
+        """Deltas and each choice's Done until all are done or an Error.
+
+        While no event comes, the job is judged by the lifecycle's rule
+        every half heartbeat TTL: a job resubmitted after its worker died
+        yields a ``Restarted`` marker that tells the caller to drop what it
+        collected (with ``client_saw_tokens=False`` a resubmission may follow
+        tokens that never left the API); any other verdict ends it with an
+        Error. No client ever hangs."""
+        settings = self._jobs.settings
+        poll = min(settings.heartbeat_ttl_s / 2, settings.event_timeout_s)
+        # Looked at on ticks of half the poll, so a verdict comes between
+        # one and one and a half polls after the last event.
+        silent_since = looked_at = time.monotonic()
+        ticker = self._ticker = Ticker(self._queue, poll / 2)
+        try:
+            while not self.finished:
+                ev = await self._queue.get()
+                if ev is not None and ev.job_id != self.job.job_id:
+                    continue  # a late event of an attempt given up on
+                if ev is None:
+                    now = time.monotonic()
+                    if now - looked_at < poll:
+                        continue
+                    looked_at = now
+                    ev = await self._judge(now - silent_since, client_saw_tokens)
+                    if ev is None:
+                        continue
+                    if isinstance(ev, Restarted):
+                        silent_since = looked_at = time.monotonic()
+                        yield ev
+                        continue
+                silent_since = looked_at = time.monotonic()
+                if isinstance(ev, Delta | Done | Error):
+                    self._track(ev)
+                if isinstance(ev, Done):
+                    self._open_choices.discard(ev.index)
+                if isinstance(ev, Error):
+                    self.failed = True
+                if isinstance(ev, Error) or not self._open_choices:
+                    self.finished = True
+                if isinstance(ev, Delta | Done | Error):
+                    yield ev
+        finally:
+            ticker.cancel()
+
+    async def _judge(self, silent_s: float, client_saw_tokens: bool) -> Error | Restarted | None:
+        live = await self._jobs.jobs.live_workers()
+        worker = self.started.worker
+        verdict = watch(self._jobs.settings, what="job", worker=worker, alive=live is None or worker in live,
+                        tokens_out=bool(self._tokens) and client_saw_tokens, attempt=self.attempt, waited_s=0.0,
+                        silent_s=silent_s)
+        if verdict is None:
+            return None
+        if not verdict.resubmit:
+            if verdict.code == "worker_lost":
+                log.warning("job %s: worker %s died after %d tokens; ending the job", self.job_id, worker,
+                            sum(self._tokens.values()))
+            return self._error(verdict.status, verdict.code, verdict.message)
+        self.attempt += 1
+        log.warning("job %s: worker %s died before the client got a token; resubmitting (attempt %d)", self.job_id,
+                    worker, self.attempt + 1)
+        self._tokens.clear()
+        self._open_choices = set(range(self.job.n))
+        try:
+            self.job, self.started = await self._jobs.resubmit(self.job, self._queue, self.attempt)
+        except APIError as exc:
+            return self._error(exc.status, exc.code or "resubmit_failed", exc.message)
+        return Restarted()
+
+    def _error(self, status: int, code: str, message: str) -> Error:
+        return Error(job_id=self.job.job_id, seq=0, status=status, error_type="server_error", code=code,
+                     message=message)
+
+    async def close(self) -> None:
+        """Always called: cancels the job on the worker unless it finished,
+        then records the request's metrics and its one log line."""
+        cancelled = not self.finished
+        if self._ticker is not None:  # events() was left at a yield, not run to its end
+            self._ticker.cancel()
+        await self._jobs.release(self.job.job_id, cancel=cancelled)
+        now = time.monotonic()
+        status = "cancelled" if cancelled else f"error:{self._error_code}" if self.failed else ",".join(self._reasons)
+        figures = JobFigures(
+            model=self.job.model, prompt_tokens=self.started.prompt_tokens,
+            completion_tokens=sum(self._tokens.values()), queue_s=self.started.queue_s,
+            first_token_s=None if self._first_token_at is None else self._first_token_at - self.accepted_at,
+            total_s=now - self.accepted_at, token_gaps_s=self._gaps,
+            finish_reason=None if cancelled or self.failed else self._reasons[0] if self._reasons else None,
+        )
+        self.metrics.observe_job(figures)
+        key_name = self.api_key.name if self.api_key is not None else "-"
+        if self.api_key is not None:
+            await self._jobs.jobs.count_tokens(self.api_key, figures.prompt_tokens + figures.completion_tokens)
+        ttft = "-" if figures.first_token_s is None else f"{figures.first_token_s:.3f}"
+        log.info(
+            "job %s model=%s worker=%s key=%s status=%s prompt_tokens=%d completion_tokens=%d queue_s=%.3f "
+            "ttft_s=%s total_s=%.3f", self.job_id, self.job.model, self.started.worker, key_name, status,
+            figures.prompt_tokens, figures.completion_tokens, figures.queue_s, ttft, figures.total_s,
+            extra={"job_id": self.job_id, "model": self.job.model, "worker": self.started.worker, "status": status,
+                   "key_name": key_name,
+                   "prompt_tokens": figures.prompt_tokens, "completion_tokens": figures.completion_tokens,
+                   "queue_s": round(figures.queue_s, 4), "ttft_s": figures.first_token_s,
+                   "total_s": round(figures.total_s, 4)},
+        )
+
+
+class Interactive:
+    """The lifecycle for requests that wait here; built once at start-up
+    (``app.state.interactive``)."""
+
+    def __init__(self, jobs: Jobs, router: ReplyRouter) -> None:
+        self.jobs = jobs
+        self.settings = jobs.settings
+        self._router = router
+
+    def __repr__(self) -> str:
+        return f"Interactive(router={self._router!r})"
+
+    async def submit(self, job: Job, *, api_key: NamedKey | None = None) -> RunningJob:
+        """Admit and send ``job`` (its ``reply_channel`` is filled in here)
+        and wait until a worker starts it. Cancelled meanwhile (its client
+        hung up: ``api/jobs/hangup.py``), it cancels the job, which the
+        worker then skips without generating."""
+        accepted_at = time.monotonic()
+        job = job.model_copy(update={"reply_channel": self._router.channel})
+        q, first = await self._start(job)
+        if isinstance(first, Started):
+            return RunningJob(job=job, started=first, _queue=q, _jobs=self,
+                              accepted_at=accepted_at, api_key=api_key)
+        await self.release(job.job_id, cancel=False)
+        raise self._unexpected(first)
+
+    async def embed(self, job: Job, *, api_key: NamedKey | None = None) -> Embeddings:
+        job = job.model_copy(update={"reply_channel": self._router.channel})
+        try:
+            _, ev = await self._start(job)
+        finally:
+            self._router.close(job.job_id)
+        if isinstance(ev, Embeddings):
+            if api_key is not None:
+                await self.jobs.count_tokens(api_key, ev.prompt_tokens)
+            return ev
+        raise self._unexpected(ev)
+
+    async def _start(self, job: Job) -> tuple[Mailbox, AnyEvent]:
+        """Admit, send, and wait for the job's first event (it leaves the queue bound then)."""
+        await self.jobs.admit(job.model, "embedding" if job.kind == "embedding" else "chat", job.job_id)
+        q = self._router.open(job.job_id)
+        try:
+            await self.jobs.send(job)
+            return q, await self._first_event(q, job.job_id)
+        except BaseException:
+            await self.release(job.job_id, cancel=True)
+            raise
+        finally:
+            await self.jobs.leave_queue(job.model, job.job_id)
+
+    async def _first_event(self, q: Mailbox, job_id: str) -> AnyEvent:
+        """The first event of ``job_id`` (a shared mailbox may still hold an
+        earlier attempt's). Raises 504 if none comes in time."""
+        deadline = time.monotonic() + self.settings.first_event_timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            ev = await next_event(q, left)
+            if ev is not None and ev.job_id == job_id:
+                return ev
+        raise not_started(self.settings, "job").error()
+
+    async def resubmit(self, job: Job, q: Mailbox, attempt: int) -> tuple[Job, Started]:
+        """Send ``job`` again as its ``attempt``-th resubmission, its events into the same mailbox."""
+        await self.release(job.job_id, cancel=True)  # in case the old worker was only slow
+        again = self.jobs.next_attempt(job, attempt)
+        self._router.attach(again.job_id, q)
+        await self.jobs.send(again)
+        ev = await self._first_event(q, again.job_id)
+        if isinstance(ev, Started):
+            return again, ev
+        raise self._unexpected(ev)
+
+    @staticmethod
+    def _unexpected(ev: AnyEvent) -> APIError:
+        if isinstance(ev, Error):
+            return error_from_event(ev)
+        return APIError(500, f"The worker's first event was {ev.type}, not what the job asked for.",
+                        type="server_error")
+
+    async def release(self, job_id: str, *, cancel: bool) -> None:
+        self._router.close(job_id)
+        if cancel:
+            log.info("job %s: client gone before the end, cancelling", job_id)
+            await self.jobs.cancel(job_id)
+
+
+def new_job_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
