@@ -218,7 +218,7 @@ class ChatCompletionRequest(_Generation):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def job_fields(self) -> dict[str, Any]:
-        """What the job carries of this request (``Jobs.submit``, batch lines)."""
+        """What the job carries of this request (the routes, batch lines)."""
         return dict(kind="chat", messages=[m.to_message() for m in self.messages],
                     sampling=self.sampling(self.max_new_tokens(), self.logprobs_wanted()), n=self.n,
                     stop=self.stop_list(), constraint=self.constraint(), priority=self.priority(),
@@ -249,7 +249,7 @@ class CompletionRequest(_Generation):
         return p if isinstance(p, str) else list(p)  # type: ignore[arg-type]
 
     def job_fields(self) -> dict[str, Any]:
-        """What the job carries of this request (``Jobs.submit``, batch lines)."""
+        """What the job carries of this request (the routes, batch lines)."""
         return dict(kind="completion", prompt=self.single_prompt(), sampling=self.sampling(self.max_tokens, self.logprobs),
                     n=self.n, stop=self.stop_list(), echo=self.echo, constraint=self.constraint(),
                     priority=self.priority())

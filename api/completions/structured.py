@@ -112,7 +112,7 @@ class NamedToolChoice(Request):
 
 
 class ToolFields(TypedDict):
-    """The job's tool fields (``Jobs.submit(**body.tool_fields())``)."""
+    """The job's tool fields (``job_fields()`` carries them)."""
 
     tools: list[Tool] | None
     tool_choice: ToolChoice
