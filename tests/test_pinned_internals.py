@@ -205,7 +205,7 @@ def test_celery_lets_go_of_each_message_once_its_thread_is_free(redis_url: str) 
     # Woken, the consumer takes the next job at once, not on its next timer (up to a second).
     gaps = [runs[i + 1][2] - log[4 * i + 3][1][2] for i in range(3)]
     print("wake to next run:", [f"{g * 1000:.1f} ms" for g in gaps])
-    assert max(gaps) < 0.3
+    assert max(gaps) < 0.5
 
 
 def test_celery_still_calls_what_tasks_overrides() -> None:
