@@ -1,4 +1,4 @@
-"""The one Celery task, run a generation job, and the one place llmq reaches
+"""The one Celery task (run a generation job), and the one place llmq reaches
 into Celery's worker. The runtime (models, engines) is built by the bootstep
 in ``worker/bootstep.py`` and hangs on the app.
 
