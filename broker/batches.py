@@ -4,8 +4,10 @@ rest of a batch's life (``api/batches/routes.py``).
 
 A line's result is written with HSETNX into the batch's results hash, and
 its count goes up in the same script: a line that runs twice (a redelivered
-copy after its worker died, an enqueue repeated after an API process died)
-is stored and counted once, whichever copy ends first.
+copy after its worker died, an enqueue repeated after an API process died, a
+line its worker put back on the queue when Redis did not answer, as
+``worker/runtime.py`` does) is stored and counted once, whichever copy ends
+first.
 """
 
 from __future__ import annotations

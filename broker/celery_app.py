@@ -25,6 +25,9 @@ def make_celery(settings: Settings, main: str = "llmq") -> Celery:
         # shortest-queue guess.
         worker_prefetch_multiplier=1,
         worker_disable_prefetch=True,
+        # A job's message is acknowledged when it ends, so one its worker
+        # dies with, or gives back (Reject(requeue=True): a batch line whose
+        # result could not be stored, worker/runtime.py), runs again.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         # Kombu puts an unacknowledged message back after this long. Workers

@@ -51,6 +51,19 @@ def claim(r: redis.Redis, keys: Keys, job_id: str, worker_id: str, ttl_s: int) -
                             keys.worker(""))))
 
 
+# Drop KEYS[1] (a claim) if ARGV[1] holds it.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def release(r: redis.Redis, keys: Keys, job_id: str, worker_id: str) -> None:
+    """This worker gives the job back to the queue: the copy it puts back
+    must find no claim, or it would be skipped as a duplicate."""
+    r.eval(_RELEASE, 1, keys.claim(job_id), worker_id)
+
+
 def linger(r: redis.Redis, keys: Keys, job_id: str, ttl_s: int) -> None:
     """The job ran to its end here: its claim and started mark expire soon."""
     with r.pipeline(transaction=False) as pipe:

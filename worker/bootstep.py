@@ -20,10 +20,11 @@ from broker.connections import sync_redis
 from broker.settings import Settings
 from worker.embeddings import is_embedding_model, load_embedding
 from worker.engines import ENGINES, MAX_STEP_TOKENS, TOOL_FORMATS, EngineOptions, build
-from worker.hubwake import HubWaker, wake_after_each_job
+from worker.hubwake import HubWaker
 from worker.loading import ModelLoadError, ModelSpec
 from worker.publish import Publisher
 from worker.runtime import Runtime
+from worker.tasks import wake_after_each_job
 
 log = logging.getLogger("llmq.worker")
 
@@ -155,7 +156,7 @@ class LLMQStep(bootsteps.StartStopStep):
                 hub.call_later(GATE_TICK_S, tick)
 
             tick()
-            wake_after_each_job(worker.pool, HubWaker(hub, gate))
+            wake_after_each_job(worker.app, HubWaker(hub, gate))
 
     def stop(self, worker: Any) -> None:
         self.runtime.stop()

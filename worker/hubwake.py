@@ -8,9 +8,9 @@ bounded the wait, but cost a hundred wake-ups a second, a third of the
 worker's CPU per token beside a llama.cpp server (~40 µs a token at 16
 clients), and still a few milliseconds of queue time per job.
 
-So the pool's completion callback, which runs on the task's thread right
-after Celery has released the thread (``task_ready``) and acknowledged
-the job, writes a byte to a pipe the hub watches. The loop's next turn
+So each job, once Celery has freed its thread (``task_ready``) and
+acknowledged or rejected its message, writes a byte to a pipe the hub
+watches (``worker/tasks.py``, on the task's thread). The loop's next turn
 then finds a free thread and asks for the next job at once.
 """
 
@@ -44,23 +44,3 @@ class HubWaker:
         except BlockingIOError:
             pass
         self._on_wake()
-
-
-def wake_after_each_job(pool: Any, waker: HubWaker) -> None:
-    """Wrap the pool's ``on_apply`` so that every job's completion callback
-    (Celery's ``Request.on_success``: the thread is released, the message
-    acknowledged) ends with ``waker.wake()``. Celery's threads pool calls
-    it on the task's own thread; ``BasePool.apply_async`` passes it as the
-    ``callback`` keyword."""
-    on_apply = pool.on_apply
-
-    def on_apply_waking(*args: Any, callback: Callable[..., Any] | None = None, **kwargs: Any) -> Any:
-        def done(*a: Any, **kw: Any) -> Any:
-            try:
-                return callback(*a, **kw) if callback is not None else None
-            finally:
-                waker.wake()
-
-        return on_apply(*args, callback=done, **kwargs)
-
-    pool.on_apply = on_apply_waking

@@ -7,14 +7,20 @@ and puts back those older than the visibility timeout. llmq sets that timeout
 just past the heartbeat TTL (``broker/celery_app.py``) and each worker, on
 every heartbeat:
 
-- re-scores the messages it holds (``hold``/``release`` are called by the
-  task's request class, ``worker/tasks.py``), so a live worker's jobs never
-  look abandoned however long they run;
+- re-scores the messages it holds (``hold``/``release`` are called as Celery
+  takes and lets go of each, ``worker/tasks.py``), so a live worker's jobs
+  never look abandoned however long they run;
 - runs kombu's own restore of the messages nobody re-scored: those of a
   worker that died. Kombu's consumer does this only every ~100 s.
 
 A restored message is delivered again; the claim key decides whether it
 runs again (``broker/control.py``).
+
+Kombu has no public API for either: ``tick`` is the one place llmq touches
+its Redis channel's internals (``unacked_index_key``, ``qos.restore_visible``).
+Tested with kombu 5.6 (the bounds in ``pyproject.toml``);
+``tests/test_pinned_internals.py`` checks both against a real Redis and fails
+if kombu changes them.
 """
 
 from __future__ import annotations

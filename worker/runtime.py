@@ -13,11 +13,12 @@ import time
 from collections.abc import Sequence
 
 import redis
+from celery.exceptions import Reject
 
 from broker import __version__
 from broker.connections import sync_redis
 from broker import batches
-from broker.control import Claim, claim, is_cancelled, linger, started_mark
+from broker.control import Claim, claim, is_cancelled, linger, release, started_mark
 from broker.keys import Keys, batch_queue_name, queue_name
 from broker.schemas import Delta, Embeddings, Error, Heartbeat, Job, LineResult, ModelInfo, Started
 from broker.settings import Settings
@@ -139,6 +140,8 @@ class Runtime:
             if job.batch is not None:
                 return self._run_line(job)
             return self._run(job)
+        except Reject:
+            raise  # a batch line given back to the queue (_run_line): Celery puts its message back
         except Exception as exc:
             return self._crashed(job, exc)
         finally:
@@ -147,31 +150,54 @@ class Runtime:
     def _run_line(self, job: Job) -> dict[str, object]:
         """A batch line: run like any job, but its events are kept and
         stored once as the line's result. A line whose batch is no longer in
-        progress (cancelled, expired) is stored as skipped, not run."""
+        progress (cancelled, expired) is stored as skipped, not run. A line
+        that cannot reach Redis (down at that moment) goes back to the
+        queue: acknowledged, it would be lost, and its batch would wait for
+        it to the end of its window."""
         assert job.batch is not None
         line, jid = job.batch, job.job_id
-        status = batches.batch_status(self.redis, self.keys, line.batch_id)
-        expired = time.time() > line.expires_at
-        if status != batches.IN_PROGRESS or expired:
-            if status is None:  # the batch is gone (deleted, or past its keep time)
-                return {"job_id": jid, "status": "batch_gone"}
-            skipped = "batch_expired" if expired or status == batches.EXPIRED else "batch_cancelled"
-            batches.record(self.redis, self.keys, line.batch_id, LineResult(
-                index=line.index, custom_id=line.custom_id, job_id=jid, skipped=skipped, finished_at=time.time()))
-            log.info("job %s: line %d of batch %s not run (%s)", jid, line.index, line.batch_id, skipped)
-            return {"job_id": jid, "status": skipped}
-        self.publisher.keep(jid)
         try:
+            status = batches.batch_status(self.redis, self.keys, line.batch_id)
+            expired = time.time() > line.expires_at
+            if status != batches.IN_PROGRESS or expired:
+                if status is None:  # the batch is gone (deleted, or past its keep time)
+                    return {"job_id": jid, "status": "batch_gone"}
+                skipped = "batch_expired" if expired or status == batches.EXPIRED else "batch_cancelled"
+                batches.record(self.redis, self.keys, line.batch_id, LineResult(
+                    index=line.index, custom_id=line.custom_id, job_id=jid, skipped=skipped,
+                    finished_at=time.time()))
+                log.info("job %s: line %d of batch %s not run (%s)", jid, line.index, line.batch_id, skipped)
+                return {"job_id": jid, "status": skipped}
+            self.publisher.keep(jid)
             try:
-                result = self._run(job)
-            except Exception as exc:  # here, so that its error event is kept with the line's
-                result = self._crashed(job, exc)
-        finally:
-            events = self.publisher.take(jid)
-        if result.get("status") == "duplicate":
-            return result  # another copy of the line runs, or ran, it
-        stored = batches.record(self.redis, self.keys, line.batch_id, LineResult(
-            index=line.index, custom_id=line.custom_id, job_id=jid, events=events, finished_at=time.time()))
+                try:
+                    result = self._run(job)
+                except Exception as exc:  # here, so that its error event is kept with the line's
+                    result = self._crashed(job, exc)
+            finally:
+                events = self.publisher.take(jid)
+            if result.get("status") == "duplicate":
+                return result  # another copy of the line runs, or ran, it
+            stored = batches.record(self.redis, self.keys, line.batch_id, LineResult(
+                index=line.index, custom_id=line.custom_id, job_id=jid, events=events, finished_at=time.time()))
+        except redis.RedisError as exc:
+            log.error("job %s: line %d of batch %s could not reach Redis (%s: %s); it goes back to the queue and "
+                      "runs again once Redis answers (its batch waits for it)", jid, line.index, line.batch_id,
+                      type(exc).__name__, exc)
+            # The copy put back must not find this run's claim, or it would be
+            # skipped as a duplicate: so wait for Redis, however long it is
+            # away. A worker that stops leaves the registry, which frees the
+            # claim for a copy as well (broker/control.py).
+            delay = 0.1
+            while True:
+                try:
+                    release(self.redis, self.keys, jid, self.worker_id)
+                    break
+                except redis.RedisError:
+                    if self._stopping.wait(delay):
+                        break
+                    delay = min(2 * delay, self.settings.heartbeat_interval_s)
+            raise Reject(f"line {line.index} of batch {line.batch_id}: no result stored", requeue=True) from exc
         if not stored:
             log.warning("job %s: line %d of batch %s already had a result; this run's is dropped", jid, line.index,
                         line.batch_id)

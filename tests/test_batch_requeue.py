@@ -1,0 +1,82 @@
+"""A batch line whose result cannot be stored goes back to the queue, against
+a real redis-server: the worker's runtime raises Celery's Reject(requeue=True)
+instead of returning (which acknowledged the line and lost it), frees the
+line's claim so the copy put back runs, and a line run again is stored once.
+(That Celery puts a rejected message back and runs it again:
+tests/test_pinned_internals.py.)"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery.exceptions import Reject
+
+from broker import batches
+from broker.keys import Keys
+from broker.schemas import BatchLine, Job, LineResult
+from broker.settings import Settings
+from tests.procs import start_redis
+from worker import runtime as runtime_module
+from worker.engines import EngineOptions
+from worker.publish import Publisher
+from worker.runtime import Runtime
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    proc, port = start_redis(Path(tmp_path_factory.mktemp("redis-requeue")))
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.stop()
+
+
+def failing_once(real: Any, calls: list[str], name: str) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        calls.append(name)
+        if calls.count(name) == 1:
+            raise redis.ConnectionError("Connection refused (a test: Redis is down)")
+        return real(*args, **kwargs)
+    return call
+
+
+def test_a_line_whose_result_cannot_be_stored_goes_back_to_the_queue_and_is_stored_once(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    settings = Settings(redis_url=redis_url, heartbeat_interval_s=0.2)
+    keys = Keys(settings.key_prefix)
+    r = redis.Redis.from_url(redis_url)
+    # No engine: the line is refused (model_not_found), which is a result to store like any other.
+    rt = Runtime(settings, [], [], Publisher(r), EngineOptions(), worker_id="worker-a")
+    r.hset(keys.batch("b1"), "status", batches.IN_PROGRESS)
+    job = Job(job_id="line-job-3", model="nobody", kind="completion", prompt="hi", reply_channel="",
+              submitted_at=time.time(),
+              batch=BatchLine(batch_id="b1", index=3, custom_id="c3", expires_at=time.time() + 600))
+    calls: list[str] = []
+    monkeypatch.setattr(batches, "record", failing_once(batches.record, calls, "record"))
+    # Redis is still away when the worker frees the claim: it waits for it.
+    monkeypatch.setattr(runtime_module, "release", failing_once(runtime_module.release, calls, "release"))
+
+    with caplog.at_level(logging.ERROR, logger="llmq.worker"), pytest.raises(Reject) as rejected:
+        rt.run(job)
+    assert rejected.value.requeue
+    assert calls == ["record", "release", "release"]
+    assert "line 3 of batch b1 could not reach Redis" in caplog.text and "goes back to the queue" in caplog.text
+    assert r.hlen(keys.batch_results("b1")) == 0
+    assert not r.exists(keys.claim(job.job_id))  # the copy put back is not skipped as a duplicate
+
+    # The copy put back runs (on this worker or another) and is stored.
+    assert rt.run(job)["status"] == "model_not_found"
+    stored = r.hgetall(keys.batch_results("b1"))
+    assert list(stored) == [b"3"]
+    result = LineResult.model_validate_json(stored[b"3"])
+    assert result.custom_id == "c3" and result.failed
+    # One more copy (a redelivery after a worker died, say) runs again but is not stored twice.
+    r.delete(keys.claim(job.job_id))
+    assert rt.run(job)["status"] == "model_not_found"
+    assert r.hlen(keys.batch_results("b1")) == 1 and r.hget(keys.batch("b1"), "failed") == b"1"

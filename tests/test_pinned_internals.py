@@ -1,0 +1,214 @@
+"""What llmq relies on in Celery and kombu beyond their public APIs, checked
+against a real redis-server and a real (in-process) Celery worker. These
+fail when a new Celery or kombu changes it; ``pyproject.toml`` bounds both to
+the versions that pass here.
+
+- ``worker/redelivery.py``: kombu keeps a taken message in its unacked index,
+  a re-scored one is never put back, one nobody re-scores is put back after
+  the visibility timeout.
+- ``worker/tasks.py``: Celery sends ``task_received`` for each message taken,
+  calls the request's ``acknowledge``/``reject`` on the task's thread once it
+  has freed the thread, and a task that raises ``Reject(requeue=True)`` has
+  its message delivered again."""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import bootsteps
+from celery.contrib.testing.worker import start_worker
+from celery.exceptions import Reject
+from celery.worker import state
+from celery.worker.request import Request
+from kombu import Queue
+from kombu.transport import redis as kombu_redis
+
+from broker.celery_app import GENERATE_TASK, make_celery
+from broker.schemas import Job
+from broker.settings import Settings
+from tests.procs import start_redis
+from worker import tasks
+from worker.hubwake import HubWaker
+from worker.redelivery import Redelivery
+
+VISIBILITY_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    proc, port = start_redis(Path(tmp_path_factory.mktemp("redis-internals")))
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.stop()
+
+
+def settings_for(redis_url: str) -> Settings:
+    return Settings(redis_url=redis_url, heartbeat_interval_s=0.2, heartbeat_ttl_s=VISIBILITY_S)
+
+
+def test_kombu_still_has_what_redelivery_uses() -> None:
+    assert list(inspect.signature(kombu_redis.QoS.restore_visible).parameters) == ["self", "start", "num", "interval"]
+    assert isinstance(kombu_redis.Channel.unacked_index_key, str)
+    for option in ("visibility_timeout", "unacked_mutex_expire", "unacked_index_key"):
+        assert option in kombu_redis.Channel.from_transport_options  # set by broker/celery_app.py, read by tick
+
+
+def test_a_held_message_is_kept_and_one_let_go_is_put_back(redis_url: str) -> None:
+    """Redelivery.tick against kombu's real Redis transport: a held message
+    stays taken past the visibility timeout; an acknowledged one is never
+    re-added; one let go is back on its queue one timeout later."""
+    app = make_celery(settings_for(redis_url))
+    r = redis.Redis.from_url(redis_url)
+    queue = Queue("llmq.test-held")
+    redelivery = Redelivery(app)
+    with app.connection_for_write() as conn:
+        channel = conn.channel()
+        index = channel.unacked_index_key
+        conn.Producer(channel).publish({"n": 1}, routing_key=queue.name, declare=[queue])
+        conn.Producer(channel).publish({"n": 2}, routing_key=queue.name, declare=[queue])
+        held, acked = queue(channel).get(no_ack=False), queue(channel).get(no_ack=False)
+        assert held is not None and acked is not None and r.llen(queue.name) == 0
+        for message in (held, acked):
+            assert r.zscore(index, message.delivery_tag) is not None  # taken: kombu indexes it
+            redelivery.hold(message.delivery_tag)
+        acked.ack()
+        time.sleep(VISIBILITY_S + 0.3)
+        redelivery.tick()
+        score = r.zscore(index, held.delivery_tag)
+        assert score is not None and score > time.time() - VISIBILITY_S  # re-scored, so not put back
+        assert r.zscore(index, acked.delivery_tag) is None  # acknowledged: never re-added
+        assert r.llen(queue.name) == 0
+        redelivery.release(held.delivery_tag)
+        redelivery.release(acked.delivery_tag)
+        time.sleep(VISIBILITY_S + 0.3)
+        redelivery.tick()
+        assert r.zscore(index, held.delivery_tag) is None
+        again = queue(channel).get(no_ack=True)
+        assert again is not None and again.payload == {"n": 1}
+        channel.close()
+    redelivery.close()
+
+
+class SpyRedelivery(Redelivery):
+    def __init__(self, app: Any, log: list[tuple[str, Any]]) -> None:
+        super().__init__(app)
+        self.log = log
+
+    def hold(self, delivery_tag: Any) -> None:
+        self.log.append(("hold", threading.get_ident()))
+        super().hold(delivery_tag)
+
+    def release(self, delivery_tag: Any) -> None:
+        self.log.append(("release", threading.get_ident()))
+        super().release(delivery_tag)
+
+
+class SpyGate:
+    def __init__(self) -> None:
+        self.log: list[tuple[str, bool]] = []
+        self.applied_on: set[int] = set()
+
+    def held(self, batch: bool) -> None:
+        self.log.append(("held", batch))
+
+    def released(self, batch: bool) -> None:
+        self.log.append(("released", batch))
+
+    def apply(self) -> None:
+        self.applied_on.add(threading.get_ident())
+
+
+class SpyWaker(HubWaker):
+    def __init__(self, hub: Any, log: list[tuple[str, Any]]) -> None:
+        super().__init__(hub, lambda: None)
+        self.log = log
+
+    def wake(self) -> None:
+        # What makes the wake useful: Celery counts the thread free (task_ready) already.
+        self.log.append(("wake", (threading.get_ident(), len(state.reserved_requests), time.monotonic())))
+        super().wake()
+
+
+def job(job_id: str) -> dict[str, Any]:
+    return Job(job_id=job_id, model="m", kind="completion", prompt="x", reply_channel="",
+               submitted_at=time.time()).model_dump(mode="json")
+
+
+def test_celery_lets_go_of_each_message_once_its_thread_is_free(redis_url: str) -> None:
+    """worker/tasks.py in a real Celery worker (threads pool, one thread, the
+    broker settings of broker/celery_app.py): each job is held from the
+    consumer thread before it runs and let go from its own thread after
+    Celery freed that thread, then the consumer loop is woken, and takes the
+    next job at once; a job that raises Reject(requeue=True) runs again."""
+    app = make_celery(settings_for(redis_url), main="llmq-internals")
+    tasks.register(app)
+    log: list[tuple[str, Any]] = []
+    app.llmq_redelivery = SpyRedelivery(app, log)  # type: ignore[attr-defined]
+    gate = SpyGate()
+
+    class Runtime:
+        def __init__(self) -> None:
+            self.gate = gate
+            self.rejected = False
+
+        def run(self, j: Job) -> dict[str, object]:
+            log.append(("run", (j.job_id, threading.get_ident(), time.monotonic())))
+            time.sleep(0.2)
+            if j.job_id == "c" and not self.rejected:
+                self.rejected = True
+                raise Reject("not stored", requeue=True)
+            return {"job_id": j.job_id, "status": "ok"}
+
+    app.llmq_runtime = Runtime()  # type: ignore[attr-defined]
+
+    class Waker(bootsteps.StartStopStep):
+        requires = {"celery.worker.components:Hub"}
+
+        def start(self, worker: Any) -> None:
+            tasks.wake_after_each_job(worker.app, SpyWaker(worker.hub, log))
+
+    app.steps["worker"].add(Waker)
+
+    with start_worker(app, pool="threads", concurrency=1, perform_ping_check=False, shutdown_timeout=30):
+        for job_id in "abc":
+            app.send_task(GENERATE_TASK, kwargs={"job": job(job_id)}, task_id=job_id, ignore_result=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and sum(1 for kind, _ in log if kind == "wake") < 4:
+            time.sleep(0.05)
+        time.sleep(0.3)  # the last acknowledgement, on the consumer thread
+        kinds = [kind for kind, _ in log]
+        # Fewer: a job let go did not wake the consumer loop, which then sleeps on.
+        assert kinds == ["hold", "run", "release", "wake"] * 4, kinds
+        r = redis.Redis.from_url(redis_url)
+        assert r.zcard("unacked_index") == 0 and r.hlen("unacked") == 0  # acknowledged, or put back and run
+
+    runs = [what for kind, what in log if kind == "run"]
+    assert [job_id for job_id, _, _ in runs] == ["a", "b", "c", "c"]  # c: rejected, requeued, run again
+    holds = {what for kind, what in log if kind == "hold"}
+    consumer_thread = holds.pop()
+    assert not holds, "every hold is on Celery's consumer thread"
+    assert gate.applied_on == {consumer_thread}
+    for i, run in enumerate(runs):
+        _, thread, _ = run
+        release, wake = log[4 * i + 2], log[4 * i + 3]
+        assert release[1] == thread != consumer_thread  # let go on the task's own thread
+        assert wake[1][0] == thread and wake[1][1] == 0  # ... after Celery freed it
+    assert gate.log == [("held", False), ("released", False)] * 4
+    # Woken, the consumer takes the next job at once, not on its next timer (up to a second).
+    gaps = [runs[i + 1][2] - log[4 * i + 3][1][2] for i in range(3)]
+    print("wake to next run:", [f"{g * 1000:.1f} ms" for g in gaps])
+    assert max(gaps) < 0.5
+
+
+def test_celery_still_calls_what_tasks_overrides() -> None:
+    assert list(inspect.signature(Request.reject).parameters) == ["self", "requeue"]
+    assert list(inspect.signature(Request.acknowledge).parameters) == ["self"]
+    assert tasks.HeldRequest.__mro__[1] is Request
