@@ -37,17 +37,13 @@ def api(
     uvicorn.run("api.app:create_app", factory=True, host=host, port=port, log_level=log_level, log_config=log_config)
 
 
-VLLM_VENV = Path(__file__).resolve().parents[1] / ".venv-vllm"  # make install-vllm
-
-
 def engine_python(engine: str) -> str:
-    """The Python that runs a worker of this engine: vLLM lives in a
-    virtualenv of its own (LLMQ_VLLM_PYTHON, else the checkout's .venv-vllm);
-    the other engines run in this one."""
-    if engine != "vllm":
-        return sys.executable
-    python = os.environ.get("LLMQ_VLLM_PYTHON") or str(VLLM_VENV / "bin" / "python")
-    return python if Path(python).exists() else sys.executable
+    """The Python that runs a worker of this engine: the one its declaration
+    names (vLLM: its own virtualenv), else this one."""
+    from worker.engines.registry import kind_of  # declarations only: no engine library loads
+
+    python = kind_of(engine).python
+    return python() if python is not None else sys.executable
 
 
 def worker_argv(model_paths: list[str], model_names: list[str], concurrency: int, extra: list[str],
@@ -84,10 +80,10 @@ def worker(
 ) -> None:
     """Run a Celery worker for the given model(s); extra options go to the worker
     (--dtype, --device, --context-length, --chat-template, --hostname ...)."""
-    from worker.engines import ENGINES  # no engine import: each engine's module loads on demand
+    from worker.engines.registry import kinds  # declarations only: no engine library loads
 
-    if engine not in ENGINES:
-        raise typer.BadParameter(f"{engine!r}; pick one of {', '.join(ENGINES)}", param_hint="--engine")
+    if engine not in kinds():
+        raise typer.BadParameter(f"{engine!r}; pick one of {', '.join(kinds())}", param_hint="--engine")
     argv = worker_argv(model_path, model_name or [], concurrency, list(ctx.args), engine)
     typer.echo(" ".join(argv[1:]), err=True)
     os.execv(argv[0], argv)
