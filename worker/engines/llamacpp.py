@@ -14,6 +14,11 @@ The worker starts the server, waits until it is healthy, and stops it with
 itself; on Linux the server also dies with the worker (``PR_SET_PDEATHSIG``)
 so a killed worker leaves no orphan. If the server exits on its own,
 ``healthy()`` says so and the runtime ends the worker like a crash.
+
+Each choice's stream is a task on the loop of ``worker/engines/loop.py``.
+The engine's options (``--llama-server``, also read from
+``LLMQ_LLAMA_SERVER``, and ``--n-gpu-layers``) and its declaration
+(``ENGINE``) are here too.
 """
 
 from __future__ import annotations
@@ -54,11 +59,9 @@ STARTUP_TIMEOUT_S = 300.0
 FINISH: dict[str, FinishReason] = {"eos": "stop", "word": "stop", "limit": "length"}
 
 
-
-
 @dataclass(frozen=True, kw_only=True)
 class LlamaCppOptions(EngineOptions):
-    llama_server: str | None = None  # the binary; None: DEFAULT_BINARY
+    llama_server: str | None = None  # the binary (--llama-server or LLMQ_LLAMA_SERVER); None: DEFAULT_BINARY
     n_gpu_layers: int | None = None
 
     @classmethod

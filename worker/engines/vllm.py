@@ -11,7 +11,10 @@ tokenizer and chat template and reach vLLM as token ids, so every engine
 sees the same tokens for the same request.
 
 vLLM pins its own transformers and torch, so it lives in a virtualenv of its
-own (README, "Engines"); ``import vllm`` happens only here.
+own (README, "Engines"; ``python`` below); ``import vllm`` happens only here,
+inside the functions that need it, so declaring the engine (``ENGINE``, with
+its options, ``VllmOptions``) loads none of it. A job's request is a task on
+the loop of ``worker/engines/loop.py``.
 """
 
 from __future__ import annotations
