@@ -4,6 +4,10 @@ subscribes the worker to each model's queue, and starts and stops the
 engines, heartbeat and cancel listener with the worker.
 
 ``worker_process_init`` never fires under the threads pool, hence a bootstep.
+
+The worker's options are its own (``OPTIONS``) and every registered
+engine's (``worker/engines/registry.py``); ``--engine`` picks the one whose
+declaration builds the engines.
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ the model's transformers forward; every Hugging Face causal LM, 8-bit and
 
 This module only declares it (no torch here); its parts:
 
-- ``engine.py``: the ``Engine``, its step thread and its pump thread;
-- ``scheduling.py``: a step's plan (which runs compute how many tokens) and
-  its layout for the forward;
+- ``engine.py``: the ``Engine``: its step thread (scheduling, forward,
+  sampling, preemption) and its pump thread (text and events);
+- ``runs.py``: a run (one choice in the engine) and a step's layout for the
+  forward;
 - ``attention.py``: the attention function the model runs over the paged
   KV cache; ``kvcache.py``: that cache, with prefix caching;
 - ``sampler.py``: the next token of every row of a step at once;
