@@ -25,6 +25,8 @@ Where the registry finds engines, the first time it is asked:
   A plug-in is found by the ``llmq worker`` command and by the worker
   process alike, before options are parsed, so its own options work as
   llmq's do. One that cannot be loaded is logged and left out.
+  ``tests/test_engine_plugin.py`` defines one, an echo engine, and serves
+  chat requests through a worker that finds it this way.
 
 Adding an engine is one module with one declaration (and, outside llmq, its
 entry point); nothing else names it.
