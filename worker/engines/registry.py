@@ -14,8 +14,8 @@ Every engine class is built the same way: ``Cls(spec, options, publisher)``
 
 Where the registry finds engines, the first time it is asked:
 
-- llmq's own (``BUILTIN``): the module of each names its declaration
-  ``ENGINE``;
+- llmq's own: every module (or package) of ``worker/engines/`` that
+  names a declaration ``ENGINE``; a new one is found as it is added;
 - every installed distribution's entry point in the group ``llmq.engines``,
   whose object is an ``EngineKind``::
 
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import pkgutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("llmq.worker.engines")
 
 GROUP = "llmq.engines"
-BUILTIN = ("worker.engines.transformers", "worker.engines.vllm", "worker.engines.llamacpp")
 DEFAULT = "transformers"
 # worker/toolcalls.py's formats, named here so that reading options imports no engine.
 TOOL_FORMATS = ("hermes", "llama3_json", "mistral", "generic")
@@ -116,7 +116,7 @@ def register(kind: EngineKind) -> None:
 
 
 def kinds() -> dict[str, EngineKind]:
-    """Every engine, llmq's own first."""
+    """Every engine: the default, llmq's others, then plug-ins."""
     _load()
     return dict(_kinds)
 
@@ -134,8 +134,8 @@ def _load() -> None:
     if _loaded:
         return
     _loaded = True
-    for module in BUILTIN:
-        register(importlib.import_module(module).ENGINE)
+    for kind in _builtin():
+        register(kind)
     for ep in entry_points(group=GROUP):
         try:
             kind = ep.load()
@@ -144,3 +144,15 @@ def _load() -> None:
             register(kind)
         except Exception as exc:  # one broken plug-in must not stop workers of the other engines
             log.warning("engine plug-in %s (%s) left out: %s", ep.name, ep.value, exc)
+
+
+def _builtin() -> list[EngineKind]:
+    """llmq's own engines, the default first."""
+    import worker.engines as package
+
+    found = []
+    for module in pkgutil.iter_modules(package.__path__, f"{package.__name__}."):
+        kind = getattr(importlib.import_module(module.name), "ENGINE", None)
+        if isinstance(kind, EngineKind):
+            found.append(kind)
+    return sorted(found, key=lambda k: (k.name != DEFAULT, k.name))
