@@ -82,14 +82,16 @@ def redis_server(url: str | None) -> Iterator[str]:
 def run(cfg: ProfileConfig) -> dict[str, Any]:
     import redis
 
-    from worker.detok import IncrementalDetokenizer
-    from worker.engines.transformers import MAX_STEP_TOKENS, Engine, Run, engine_threads
-    from worker.loading import ModelSpec, load
+    from worker.engines.transformers import MAX_STEP_TOKENS, TransformersOptions
+    from worker.engines.transformers.detok import IncrementalDetokenizer
+    from worker.engines.transformers.engine import Engine
+    from worker.engines.transformers.runs import Run
+    from worker.engines.transformers.threads import engine_threads
+    from worker.loading import ModelSpec
     from worker.prompts import prompt_ids
     from worker.publish import Publisher
 
     threads = engine_threads()
-    lm = load(ModelSpec(path=cfg.model_path))
     with redis_server(cfg.redis_url) as url:
         r = redis.Redis.from_url(url)
         channel = Keys().reply_channel("bench-profile")  # as an API process's, so Redis sees the same traffic
@@ -106,8 +108,10 @@ def run(cfg: ProfileConfig) -> dict[str, Any]:
 
         reader = threading.Thread(target=drain, daemon=True)
         reader.start()
-        engine = Engine(lm, Publisher(r), max_batch=cfg.batch, kv_cache_tokens=cfg.batch * 2048, threads=threads,
-                        max_step_tokens=cfg.max_step_tokens or MAX_STEP_TOKENS, prefix_caching=cfg.prefix_caching)
+        engine = Engine(ModelSpec(path=cfg.model_path), TransformersOptions(
+            max_batch_size=cfg.batch, kv_cache_tokens=cfg.batch * 2048, threads=threads,
+            max_step_tokens=cfg.max_step_tokens or MAX_STEP_TOKENS, prefix_caching=cfg.prefix_caching), Publisher(r))
+        lm = engine.lm
         engine.start()
         counter = iter(range(10**9))
 

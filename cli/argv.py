@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from broker.keys import queue_name
@@ -12,17 +11,13 @@ from broker.keys import queue_name
 if TYPE_CHECKING:
     from broker.settings import Settings  # pydantic: kept out of `llmq --help`
 
-VLLM_VENV = Path(__file__).resolve().parents[1] / ".venv-vllm"  # make install-engines
-
-
 def engine_python(engine: str, settings: Settings) -> str:
-    """The Python that runs a worker of this engine: vLLM lives in a
-    virtualenv of its own (LLMQ_VLLM_PYTHON, else the checkout's .venv-vllm);
-    the other engines run in this one."""
-    if engine != "vllm":
-        return sys.executable
-    python = str(settings.vllm_python or VLLM_VENV / "bin" / "python")
-    return python if Path(python).exists() else sys.executable
+    """The Python that runs a worker of this engine: the one its declaration
+    names (vLLM: its own virtualenv), else this one."""
+    from worker.engines.registry import kind_of  # declarations only: no engine library loads
+
+    python = kind_of(engine).python
+    return python(settings) if python is not None else sys.executable
 
 
 def worker_argv(model_paths: list[str], model_names: list[str], concurrency: int, extra: list[str],

@@ -50,10 +50,10 @@ def worker(
     """Run a Celery worker for the given model(s); extra options go to the worker
     (--dtype, --device, --context-length, --chat-template, --hostname ...)."""
     from broker.settings import Settings
-    from worker.engines import ENGINES  # no engine import: each engine's module loads on demand
+    from worker.engines.registry import kinds  # declarations only: no engine library loads
 
-    if engine not in ENGINES:
-        raise typer.BadParameter(f"{engine!r}; pick one of {', '.join(ENGINES)}", param_hint="--engine")
+    if engine not in kinds():
+        raise typer.BadParameter(f"{engine!r}; pick one of {', '.join(kinds())}", param_hint="--engine")
     argv = worker_argv(model_path, model_name or [], concurrency, list(ctx.args), engine, settings=Settings())
     typer.echo(" ".join(argv[1:]), err=True)
     os.execv(argv[0], argv)

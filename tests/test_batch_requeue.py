@@ -23,7 +23,7 @@ from broker.schemas import BatchLine, Job, LineResult
 from broker.settings import Settings
 from tests.procs import start_redis
 from worker import runtime as runtime_module
-from worker.engines import EngineOptions
+from worker.engines.registry import EngineOptions
 from worker.publish import Publisher
 from worker.runtime import Runtime
 

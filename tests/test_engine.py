@@ -11,10 +11,15 @@ import pytest
 
 from broker.schemas import Delta, Done, Job, Message, Sampling
 from tests.procs import DEMO_MODEL_DIR
-from worker.detok import IncrementalDetokenizer
-from worker.engines.transformers import Engine, Run
-from worker.loading import ModelSpec, load
+from worker.engines.transformers import TransformersOptions
+from worker.engines.transformers.detok import IncrementalDetokenizer
+from worker.engines.transformers.engine import Engine
+from worker.engines.transformers.runs import Run
+from worker.loading import ModelSpec
 from worker.prompts import prompt_ids
+
+
+DEMO = ModelSpec(path=str(DEMO_MODEL_DIR), names=("demo",))
 
 
 class RecordingPublisher:
@@ -31,16 +36,14 @@ class RecordingPublisher:
 
     def send(self, events):  # type: ignore[no-untyped-def]
         self.publish(events)
-        return set()
 
 
 @pytest.fixture(scope="module")
 def engine_and_publisher():  # type: ignore[no-untyped-def]
     if not (DEMO_MODEL_DIR / "model.safetensors").is_file():
         pytest.skip(f"{DEMO_MODEL_DIR} not built (make test builds it)")
-    lm = load(ModelSpec(path=str(DEMO_MODEL_DIR), names=("demo",)))
     pub = RecordingPublisher()
-    engine = Engine(lm, pub, max_batch=8, kv_cache_tokens=8 * 512)  # type: ignore[arg-type]
+    engine = Engine(DEMO, TransformersOptions(max_batch_size=8, kv_cache_tokens=8 * 512), pub)  # type: ignore[arg-type]
     engine.start()
     yield engine, pub
     engine.stop()
@@ -133,12 +136,12 @@ def test_long_prompt_is_prefilled_in_chunks_while_others_decode() -> None:
     chunked prompt's answer is the one an unchunked prefill gives."""
     if not (DEMO_MODEL_DIR / "model.safetensors").is_file():
         pytest.skip(f"{DEMO_MODEL_DIR} not built (make test builds it)")
-    lm = load(ModelSpec(path=str(DEMO_MODEL_DIR), names=("demo",)))
     answers = []
     for budget in (64, 4096):
         pub = RecordingPublisher()
-        engine = Engine(lm, pub, max_batch=4, kv_cache_tokens=4096, max_step_tokens=budget,  # type: ignore[arg-type]
-                        prefix_caching=False)
+        options = TransformersOptions(max_batch_size=4, kv_cache_tokens=4096, max_step_tokens=budget,
+                                      prefix_caching=False)
+        engine = Engine(DEMO, options, pub)  # type: ignore[arg-type]
         engine.start()
         try:
             stream = make_run(engine, 3, max_tokens=300, endless=True)
@@ -169,11 +172,11 @@ def test_sequences_preempted_for_memory_finish_with_the_same_tokens() -> None:
     preempted and recomputed later; each answer equals its answer alone."""
     if not (DEMO_MODEL_DIR / "model.safetensors").is_file():
         pytest.skip(f"{DEMO_MODEL_DIR} not built (make test builds it)")
-    lm = load(ModelSpec(path=str(DEMO_MODEL_DIR), names=("demo",)))
 
     def answers(runs_at_once: int, kv_tokens: int) -> tuple[list[str], int]:
         pub = RecordingPublisher()
-        engine = Engine(lm, pub, max_batch=4, kv_cache_tokens=kv_tokens, prefix_caching=False)  # type: ignore[arg-type]
+        options = TransformersOptions(max_batch_size=4, kv_cache_tokens=kv_tokens, prefix_caching=False)
+        engine = Engine(DEMO, options, pub)  # type: ignore[arg-type]
         engine.start()
         try:
             runs = [make_run(engine, 40 + i, max_tokens=80, endless=True) for i in range(2)]

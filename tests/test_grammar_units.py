@@ -12,9 +12,10 @@ import torch
 
 from broker.schemas import Constraint, Function, Job, Tool, ToolCallDelta
 from tests.procs import DEMO_MODEL_DIR
-from worker.engines.base import Refused
-from worker.grammar import Grammars, check_spec, spec_of
-from worker.sampler import Sampler
+from worker.engines.protocol import Refused
+from worker.engines.transformers.grammars import Grammars
+from worker.engines.transformers.sampler import Sampler
+from worker.grammar import check_spec, spec_of
 from worker.toolcalls import FORMATS, format_for, render_generic
 
 WEATHER = Tool(function=Function(name="get_weather", parameters={

@@ -50,25 +50,30 @@ def test_streamed_events_are_appended_capped_and_expire(r: redis.Redis) -> None:
 
 def test_sent_events_are_published_and_an_unheard_job_is_named_on_a_later_call(r: redis.Redis) -> None:
     """``send`` does not wait for Redis: the replies of one call are read on
-    the next, which names the jobs whose events no subscriber heard."""
+    a later one, which names the jobs whose events no subscriber heard to
+    the ``on_unheard`` handler."""
     pub = Publisher(r)
+    told: list[set[str]] = []
+    pub.on_unheard(told.append)
     sub = r.pubsub()
     sub.subscribe("heard")
     assert sub.get_message(timeout=1)["type"] == "subscribe"
     first = [("heard", Delta(job_id="a", seq=1, text="x", completion_tokens=1)),
              ("nobody", Delta(job_id="b", seq=1, text="y", completion_tokens=1))]
-    assert pub.send(first) == set()  # nothing read back yet
-    assert pub.send([("heard", Delta(job_id="a", seq=2, text="z", completion_tokens=2))]) == set()
+    pub.send(first)
+    pub.send([("heard", Delta(job_id="a", seq=2, text="z", completion_tokens=2))])
+    assert told == []  # nothing read back yet
     for seq in range(3, 3 + UNREAD_MAX):  # the replies are read back once UNREAD_MAX wait
-        gone = pub.send([("heard", Delta(job_id="a", seq=seq, text=".", completion_tokens=seq))])
-        if gone:
+        pub.send([("heard", Delta(job_id="a", seq=seq, text=".", completion_tokens=seq))])
+        if told:
             break
-    assert gone == {"b"}
+    assert told == [{"b"}]
     got = [sub.get_message(timeout=1) for _ in range(seq)]
     assert [parse_event(m["data"]).seq for m in got if m] == list(range(1, seq + 1))
     # A waiting publish reads the replies still unread before its own.
     assert pub.publish([("nobody", Delta(job_id="c", seq=1, text=".", completion_tokens=1))]) == [0]
-    assert pub.send([]) == set()  # job a's last event was heard
+    pub.send([])
+    assert told == [{"b"}]  # job a's last event was heard
     pub.close()
 
 
@@ -81,6 +86,8 @@ def test_a_jobs_started_mark_goes_before_its_started_event_in_the_same_write(r: 
 
     keys = Keys("llmq-test")
     pub = Publisher(r)
+    told: list[set[str]] = []
+    pub.on_unheard(told.append)
     sub = r.pubsub()
     sub.subscribe("api-s")
     assert sub.get_message(timeout=1)["type"] == "subscribe"
@@ -93,7 +100,8 @@ def test_a_jobs_started_mark_goes_before_its_started_event_in_the_same_write(r: 
              first=[started_mark(keys, "t", 60)])
     # A waiting publish reads the replies still unread first (the SET's counts for no job).
     assert pub.publish([("nobody", Delta(job_id="u", seq=1, text=".", completion_tokens=1))]) == [0]
-    assert pub.send([]) == {"t"}
+    pub.send([])
+    assert told == [{"t"}]
     pub.close()
 
 

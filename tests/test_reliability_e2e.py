@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from tests.conftest import HEARTBEAT_TTL_S, Stack
+from tests.holds import hold_key, start_held_worker
 from tests.procs import NO_END_BIAS, Proc, start_api, start_redis, start_worker, wait_for, wait_model
 
 pytestmark = pytest.mark.e2e
@@ -103,14 +104,14 @@ def test_no_loss_window_when_a_worker_dies_before_its_first_event(stack: Stack, 
     claimed the job, or after, before Started) costs the job nothing: kombu
     would keep the message for its visibility timeout (an hour by default);
     here another worker runs it and the client has its answer within twice
-    the heartbeat TTL of the kill. The held worker is armed by the test-only
-    LLMQ_TEST_HOLD_AT (worker/runtime.py)."""
+    the heartbeat TTL of the kill. The held worker runs the test-only app
+    tests/held_app.py."""
     model = f"hold-{point.replace('_', '-')}"
-    held = start_worker({**stack.env, "LLMQ_TEST_HOLD_AT": point}, f"held-{point}", model_names=model, concurrency=2)
+    held = start_held_worker(stack.env, f"held-{point}", point, model_names=model, concurrency=2)
     spare = start_worker(stack.env, f"spare-{point}", model_names=model, concurrency=2)
     r = redis.Redis.from_url(stack.redis_url)
     client = openai.OpenAI(base_url=stack.v1, api_key="unused", max_retries=0, timeout=120)
-    held_key = f"llmq:test:held:{point}"
+    held_key = hold_key(point)
     r.delete(held_key)  # a hold another test left in the stack's Redis
     try:
         wait_for(lambda: cards(stack.base_url).get(model, {}).get("workers") == 2, 180, "both workers")

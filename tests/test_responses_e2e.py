@@ -20,6 +20,7 @@ import pytest
 import redis
 
 from tests.conftest import HEARTBEAT_TTL_S, Stack
+from tests.holds import hold_key, start_held_worker
 from tests.procs import Proc, start_api, start_worker, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -312,15 +313,15 @@ def test_a_worker_killed_after_its_first_token_fails_the_response_and_before_it_
 
 
 def test_a_worker_killed_before_it_started_the_job_costs_nothing(stack: Stack) -> None:
-    """The test hook holds one worker after it claimed the job: SIGKILLed
-    there, the job runs on the spare worker (redelivery and claim takeover)."""
+    """One worker holds after it claimed the job (tests/held_app.py):
+    SIGKILLed there, the job runs on the spare worker (redelivery and claim
+    takeover)."""
     model = "resp-hold"
-    held = start_worker({**stack.env, "LLMQ_TEST_HOLD_AT": "after_claim"}, "resp-held", model_names=model,
-                        concurrency=2)
+    held = start_held_worker(stack.env, "resp-held", "after_claim", model_names=model, concurrency=2)
     spare = start_worker(stack.env, "resp-spare", model_names=model, concurrency=2)
     r = redis.Redis.from_url(stack.redis_url)
     client = client_of(stack.v1)
-    held_key = "llmq:test:held:after_claim"
+    held_key = hold_key("after_claim")
     r.delete(held_key)  # an earlier test's hold (tests/test_reliability_e2e.py) shares the stack's Redis
     try:
         wait_for(lambda: cards(stack.base_url).get(model, {}).get("workers") == 2, 180, "both workers")

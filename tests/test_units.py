@@ -18,11 +18,11 @@ from broker.keys import Keys, queue_name
 from broker.schemas import Delta, parse_event
 from tests.procs import DEMO_MODEL_DIR
 from worker.bootstep import specs_from_options
-from worker.detok import IncrementalDetokenizer
+from worker.engines.transformers.detok import IncrementalDetokenizer
 from worker.loading import ModelLoadError, ModelSpec, load
 from broker.schemas import Sampling
-from worker.sampler import Sampler
-from worker.stops import StopStrings
+from worker.engines.transformers.sampler import Sampler
+from worker.engines.transformers.stops import StopStrings
 
 
 @pytest.fixture(scope="module")
@@ -278,11 +278,11 @@ def test_loop_batcher_gathers_one_step_of_every_streaming_source() -> None:
     """llama-server writes each slot's token separately: the batcher sends a
     step's updates once every streaming source has put one; a late source's
     update goes out after QUIET_S without another, and a steady trickle is
-    cut every GATHER_S (worker/engines/base.py)."""
+    cut every GATHER_S (worker/engines/batchers.py)."""
     import asyncio
     from types import SimpleNamespace
 
-    from worker.engines.base import LoopBatcher
+    from worker.engines.batchers import LoopBatcher
 
     async def run() -> tuple[list[tuple[float, list[str]]], float, int]:
         loop = asyncio.get_running_loop()

@@ -4,6 +4,10 @@ subscribes the worker to each model's queue, and starts and stops the
 engines, heartbeat and cancel listener with the worker.
 
 ``worker_process_init`` never fires under the threads pool, hence a bootstep.
+
+The worker's options are its own (``OPTIONS``) and every registered
+engine's (``worker/engines/registry.py``); ``--engine`` picks the one whose
+declaration builds the engines.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from celery import Celery, bootsteps
 from broker.connections import sync_redis
 from broker.settings import Settings
 from worker.embeddings import is_embedding_model, load_embedding
-from worker.engines import ENGINES, MAX_STEP_TOKENS, TOOL_FORMATS, EngineOptions, build
+from worker.engines.registry import DEFAULT, TOOL_FORMATS, kind_of, kinds
 from worker.hubwake import HubWaker
 from worker.loading import ModelLoadError, ModelSpec
 from worker.publish import Publisher
@@ -31,8 +35,8 @@ log = logging.getLogger("llmq.worker")
 GATE_TICK_S = 0.1  # the batch gate looks at the threads' use this often (worker/batchgate.py)
 
 OPTIONS = [
-    click.Option(["--engine"], type=click.Choice(ENGINES), default="transformers",
-                 help="what runs the model: transformers (default), vllm (its own virtualenv), llama.cpp (GGUF)"),
+    click.Option(["--engine"], type=click.Choice(list(kinds())), default=DEFAULT,
+                 help="what runs the model: " + ", ".join(k.summary or k.name for k in kinds().values())),
     click.Option(["--model-path"], multiple=True, help="model directory, Hugging Face id or .gguf file; repeatable"),
     click.Option(["--model-name"], multiple=True,
                  help="served name(s) for the model-path at the same position, comma-separated; repeatable"),
@@ -45,8 +49,6 @@ OPTIONS = [
     click.Option(["--batch-reserve"], type=int, default=2,
                  help="threads a worker keeps free of batch lines for interactive jobs (worker/batchgate.py)"),
     click.Option(["--kv-cache-tokens"], type=int, default=None, help="KV cache size in tokens"),
-    click.Option(["--max-step-tokens"], type=int, default=MAX_STEP_TOKENS,
-                 help="tokens one engine step computes: every decoding sequence's next token, then prompt chunks"),
     click.Option(["--prefix-caching/--no-prefix-caching"], default=True,
                  help="reuse the KV cache of prompt prefixes seen before (chat turns, shared system prompts)"),
     click.Option(["--trust-remote-code"], is_flag=True, default=False),
@@ -56,16 +58,8 @@ OPTIONS = [
     click.Option(["--load-4bit"], is_flag=True, default=False, help="4-bit NF4 weights (bitsandbytes)"),
     click.Option(["--num-gpus"], type=int, default=1, help="spread each model over this many GPUs"),
     click.Option(["--max-gpu-memory"], default=None, help="memory per GPU for the weights, e.g. 20GiB"),
-    # --engine vllm: passed to vLLM's engine arguments as named
-    click.Option(["--gpu-memory-utilization"], type=float, default=None, help="vllm: share of GPU memory to use"),
-    click.Option(["--tensor-parallel-size"], type=int, default=1, help="vllm: GPUs one model is split over"),
-    click.Option(["--max-model-len"], type=int, default=None, help="vllm: context length served"),
-    click.Option(["--quantization"], default=None, help="vllm: the checkpoint's quantization (awq, gptq, ...)"),
-    click.Option(["--enforce-eager"], is_flag=True, default=False, help="vllm: no CUDA graphs / compilation"),
-    # --engine llama.cpp
-    click.Option(["--llama-server"], default=None,
-                 help="llama.cpp: the llama-server binary (default .engines/llama-server, or LLMQ_LLAMA_SERVER)"),
-    click.Option(["--n-gpu-layers"], type=int, default=None, help="llama.cpp: layers offloaded to the GPU"),
+    # Each engine's own (worker/engines/registry.py), e.g. --llama-server for llama.cpp:
+    *(option for kind in kinds().values() for option in kind.options),
 ]
 
 
@@ -99,28 +93,16 @@ class LLMQStep(bootsteps.StartStopStep):
         super().__init__(worker, **opts)
         app = worker.app
         settings: Settings = app.llmq_settings
-        engine = opts.get("engine") or "transformers"
-        threads = None
-        if engine == "transformers":
-            from worker.engines.transformers import engine_threads
-
-            threads = engine_threads()  # before any torch work in this thread
-        options = EngineOptions(
-            engine=engine, max_batch_size=opts.get("max_batch_size") or 16,
-            kv_cache_tokens=opts.get("kv_cache_tokens"),
-            max_step_tokens=opts.get("max_step_tokens") or MAX_STEP_TOKENS,
-            prefix_caching=opts.get("prefix_caching", True), threads=threads,
-            gpu_memory_utilization=opts.get("gpu_memory_utilization"),
-            tensor_parallel_size=opts.get("tensor_parallel_size") or 1, max_model_len=opts.get("max_model_len"),
-            quantization=opts.get("quantization"), enforce_eager=bool(opts.get("enforce_eager")),
-            llama_server=opts.get("llama_server"), n_gpu_layers=opts.get("n_gpu_layers"),
-            tool_call_parser=opts.get("tool_call_parser"),
-        )
+        kind = kind_of(opts.get("engine") or DEFAULT)
+        options = kind.options_type.read(opts)
+        if kind.before_load is not None:
+            options = kind.before_load(options)
         publisher = Publisher(sync_redis(settings), settings.responses_stream_max_events, settings.responses_ttl_s)
         try:
             specs = specs_from_options(opts)
             embed = [s for s in specs if is_embedding_model(s.path)]
-            engines = build([s for s in specs if not is_embedding_model(s.path)], options, publisher)
+            build = kind.engine_class()
+            engines = [build(s, options, publisher) for s in specs if not is_embedding_model(s.path)]
             embedders = [load_embedding(s) for s in embed]
         except ModelLoadError as exc:
             # One clear line, and no registration: the heartbeat never starts.

@@ -190,7 +190,7 @@ def load(spec: ModelSpec) -> LoadedModel:
 
 
 def _attention_limits(spec: ModelSpec, model: Any, context: int) -> int:
-    """What llmq's paged attention (``worker/attention.py``: full causal SDPA)
+    """What llmq's paged attention (``worker/engines/transformers/attention.py``: full causal SDPA)
     can serve of this model: logit soft-capping it cannot do, so such a model
     is refused; a sliding window shorter than the context it does not apply,
     so the context is capped at the window, where the two agree."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import redis
 from redis.backoff import NoBackoff
@@ -26,6 +26,9 @@ from broker.schemas import STREAM_EVENT_FIELD, AnyEvent, Delta, Done, Started, e
 log = logging.getLogger("llmq.worker.publish")
 
 Command = tuple[str | int, ...]
+# Told the jobs whose events, sent before, reached no subscriber: their API
+# process is gone, so nobody will read them (``Publisher.on_unheard``).
+UnheardHandler = Callable[[set[str]], object]
 # Replies of sent events are read back once this many wait, in one read from
 # the socket: reading them on every token cost a system call per token.
 UNREAD_MAX = 64
@@ -47,11 +50,18 @@ class Publisher:
         self._conn_lock = threading.Lock()  # also guards the two below
         self._unread: list[list[str]] = []  # per command sent and not read back: the jobs its reply counts for
         self._gone: set[str] = set()  # jobs whose events reached no subscriber, not yet told
+        self._unheard: UnheardHandler | None = None
         self._stream_max = stream_max_events
         self._stream_ttl_s = stream_ttl_s
         self._kept: dict[str, list[AnyEvent]] = {}
         self._streams: dict[str, str] = {}  # job id -> its events stream
         self._lock = threading.Lock()  # the engine's step thread and Celery's threads publish
+
+    def on_unheard(self, handler: UnheardHandler) -> None:
+        """The one handler ``send`` tells of unheard jobs, whichever engine
+        or thread sends: the runtime's, which cancels them wherever they
+        run. Until one is set they are not told."""
+        self._unheard = handler
 
     def stream(self, job_id: str, key: str) -> None:
         """From now on this job's events are also appended to stream ``key``."""
@@ -85,20 +95,22 @@ class Publisher:
                     counts[i] = int(reply)  # type: ignore[call-overload]
         return counts
 
-    def send(self, events: Sequence[tuple[str, AnyEvent]], first: Sequence[Command] = ()) -> set[str]:
+    def send(self, events: Sequence[tuple[str, AnyEvent]], first: Sequence[Command] = ()) -> None:
         """Publish in order without waiting for Redis: the engines' token
         events, and each job's Started. Their replies are read later
         (``UNREAD_MAX``), from the socket's buffer, so the caller does not
         sleep and wake again on every token (at one client that wake cost as
         much CPU as the publish). ``first`` are commands written just before
-        the events, in the same write. Returns the jobs whose events, sent
-        before, reached no subscriber."""
+        the events, in the same write. The jobs whose events, sent before,
+        reached no subscriber go to the ``on_unheard`` handler, here, in the
+        caller's thread."""
         commands, owners = self._commands(events)
         jobs = [[] for _ in first] + [[events[i][1].job_id for i in owned] for owned in owners]
         self._execute([*first, *commands], wait=False, jobs=jobs)
         with self._conn_lock:
             gone, self._gone = self._gone, set()
-        return gone
+        if gone and self._unheard is not None:
+            self._unheard(gone)
 
     def _commands(self, events: Sequence[tuple[str, AnyEvent]]) -> tuple[list[Command], list[list[int]]]:
         """The commands for the events that are not kept and, per command,

@@ -23,9 +23,9 @@ from broker.keys import Keys, batch_queue_name, queue_name
 from broker.schemas import Delta, Embeddings, Error, Heartbeat, Job, LineResult, ModelInfo, Started
 from broker.settings import Settings
 from worker.embeddings import EmbeddingModel, InputTooLong
-from worker.engines import EngineOptions
 from worker.batchgate import BatchGate
-from worker.engines.base import Engine, Refused
+from worker.engines.protocol import Engine, Refused
+from worker.engines.registry import EngineOptions
 from worker.heartbeat import Heart
 from worker.prompts import PromptError, prompt_ids
 from worker.publish import Publisher
@@ -57,6 +57,7 @@ class Runtime:
         self._stopping = threading.Event()
         self._watchdog = threading.Thread(target=self._watch_engines, name="llmq-watchdog", daemon=True)
         self.gate = BatchGate(self.batch_queues(), options.max_batch_size, batch_reserve)
+        publisher.on_unheard(self.cancel_unheard)
 
     def queues(self) -> list[str]:
         return [queue_name(name) for name in [*self.engines, *self.embedders]]
@@ -208,14 +209,12 @@ class Runtime:
         if is_cancelled(self.redis, self.keys, jid):
             log.info("job %s: cancelled while queued, skipped", jid)
             return {"job_id": jid, "status": "cancelled_in_queue"}
-        _hold_for_test("before_claim", self.redis, self.keys, jid)
         got = claim(self.redis, self.keys, jid, self.worker_id, self.settings.claim_ttl_s)
         if got is Claim.HELD:
             log.warning("job %s: delivered again but claimed by a live worker or already started, skipped", jid)
             return {"job_id": jid, "status": "duplicate"}
         if got is Claim.TAKEN_OVER:
             log.warning("job %s: its worker died before starting it; running it here", jid)
-        _hold_for_test("after_claim", self.redis, self.keys, jid)
         try:
             return self._run_claimed(job)
         finally:
@@ -278,12 +277,10 @@ class Runtime:
         # Started is read back, a few sends later (as for a job whose API
         # process dies while it runs).
         mark = [started_mark(self.keys, jid, self.settings.claim_ttl_s)] if job.batch is None else []
-        unheard = self.publisher.send(events, first=mark)
+        self.publisher.send(events, first=mark)
         choices = engine.submit(job, ids, wanted or room, queue_s)
         if is_cancelled(self.redis, self.keys, jid):  # a cancel that raced the submit
             engine.cancel(jid)
-        for e in self._engines:
-            e.emitter.drop_unheard(unheard)
         for choice in choices:
             choice.ended.wait()
         completion = sum(c.tokens for c in choices)
@@ -319,6 +316,17 @@ class Runtime:
 
     # ------------------------------------------------------- cancellation
 
+    def cancel_unheard(self, job_ids: set[str]) -> None:
+        """No API process listened on the reply channel of these jobs' earlier
+        events (read back late, see ``Publisher.send``), so nobody will read
+        the rest: each is cancelled on whichever engine runs it. Called by
+        the publisher in the thread that sent, whichever engine's."""
+        for job_id in job_ids:
+            for engine in self._engines:
+                if engine.emitter.of_job(job_id):
+                    log.warning("job %s: its reply channel has no subscriber, cancelling", job_id)
+                    engine.cancel(job_id)
+
     def _listen_cancels(self) -> None:
         while not self._stopping.is_set():
             try:
@@ -334,17 +342,3 @@ class Runtime:
             except redis.RedisError as exc:
                 log.warning("cancel listener lost Redis (%s); reconnecting", exc)
                 time.sleep(1.0)
-
-
-# The reliability tests hold one worker at a point of a job's life and SIGKILL
-# it there. Only this environment variable arms it: no llmq setting, CLI
-# option, Makefile or compose file sets it, and an armed worker says so.
-TEST_HOLD_ENV = "LLMQ_TEST_HOLD_AT"
-
-
-def _hold_for_test(point: str, r: redis.Redis, keys: Keys, job_id: str) -> None:
-    if os.environ.get(TEST_HOLD_ENV) != point:
-        return
-    log.warning("job %s: %s=%s: holding here until killed (a test hook)", job_id, TEST_HOLD_ENV, point)
-    r.set(f"{keys.prefix}test:held:{point}", job_id, ex=600)
-    threading.Event().wait()

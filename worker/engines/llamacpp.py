@@ -14,11 +14,15 @@ The worker starts the server, waits until it is healthy, and stops it with
 itself; on Linux the server also dies with the worker (``PR_SET_PDEATHSIG``)
 so a killed worker leaves no orphan. If the server exits on its own,
 ``healthy()`` says so and the runtime ends the worker like a crash.
+
+Each choice's stream is a task on the loop of ``worker/engines/loop.py``.
+The engine's options (``--llama-server``, also read from
+``LLMQ_LLAMA_SERVER``, and ``--n-gpu-layers``) and its declaration
+(``ENGINE``) are here too.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import json
 import logging
@@ -28,16 +32,19 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
+import click
 import httpx
 
 from broker.schemas import FinishReason, Job, TokenLogprob
-from worker.engines import EngineOptions
-from worker.engines.base import Choice, Emitter, LoopBatcher, Refused, StepClock, Update, choices_of
+from worker.engines.loop import LoopEngine, Request
+from worker.engines.protocol import Refused, Update
+from worker.engines.registry import EngineKind, EngineOptions
 from worker.engines.sse_client import post_events
 from worker.grammar import JSON_OBJECT, check_spec, spec_of
 from worker.loading import ModelLoadError, ModelSpec, load_tokenizer
@@ -52,15 +59,32 @@ STARTUP_TIMEOUT_S = 300.0
 FINISH: dict[str, FinishReason] = {"eos": "stop", "word": "stop", "limit": "length"}
 
 
-def binary(options: EngineOptions) -> Path:
-    path = Path(options.llama_server or os.environ.get("LLMQ_LLAMA_SERVER") or DEFAULT_BINARY)
+@dataclass(frozen=True, kw_only=True)
+class LlamaCppOptions(EngineOptions):
+    llama_server: str | None = None  # the binary (--llama-server or LLMQ_LLAMA_SERVER); None: DEFAULT_BINARY
+    n_gpu_layers: int | None = None
+
+    @classmethod
+    def read(cls, opts: Mapping[str, Any]) -> Self:
+        return cls(**cls.common(opts), llama_server=opts.get("llama_server"), n_gpu_layers=opts.get("n_gpu_layers"))
+
+
+OPTIONS = [
+    click.Option(["--llama-server"], default=None, envvar="LLMQ_LLAMA_SERVER",
+                 help="llama.cpp: the llama-server binary (default .engines/llama-server, or LLMQ_LLAMA_SERVER)"),
+    click.Option(["--n-gpu-layers"], type=int, default=None, help="llama.cpp: layers offloaded to the GPU"),
+]
+
+
+def binary(options: LlamaCppOptions) -> Path:
+    path = Path(options.llama_server or DEFAULT_BINARY)
     if not (path.is_file() and os.access(path, os.X_OK)):
         raise ModelLoadError(f"--engine llama.cpp: no llama-server at {path}; build it with "
                              "scripts/install-llamacpp.sh (make install does) or pass --llama-server PATH")
     return path
 
 
-def server_argv(exe: Path, spec: ModelSpec, options: EngineOptions, socket_path: Path) -> list[str]:
+def server_argv(exe: Path, spec: ModelSpec, options: LlamaCppOptions, socket_path: Path) -> list[str]:
     """One slot per batch row; the KV cache (``-c``) is shared by the slots.
     The server listens on a UNIX socket only the worker knows: a token
     crosses it with less kernel work than over TCP, on both sides, and
@@ -68,7 +92,7 @@ def server_argv(exe: Path, spec: ModelSpec, options: EngineOptions, socket_path:
     slots = options.max_batch_size
     argv = [str(exe), "-m", spec.path, "--host", str(socket_path), "--alias", spec.served_names()[0],
             "-np", str(slots), "-c", str(options.kv_cache_tokens or slots * 2048),
-            "-t", str(options.threads or os.cpu_count() or 1), "--no-webui"]
+            "-t", str(os.cpu_count() or 1), "--no-webui"]
     if options.n_gpu_layers is not None:
         argv += ["-ngl", str(options.n_gpu_layers)]
     return argv
@@ -108,21 +132,18 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(LoopEngine):
     kind = "llama.cpp"
+    PER_CHOICE = True  # a slot, and a request, per choice
 
-    def __init__(self, spec: ModelSpec, options: EngineOptions, publisher: Publisher) -> None:
+    def __init__(self, spec: ModelSpec, options: LlamaCppOptions, publisher: Publisher) -> None:
         if not spec.path.endswith(".gguf") or not Path(spec.path).is_file():
             raise ModelLoadError(f"--engine llama.cpp serves .gguf files; --model-path {spec.path} is not one")
         if spec.load_8bit or spec.load_4bit:
             raise ModelLoadError("--load-8bit/--load-4bit are for --engine transformers; a GGUF file carries its "
                                  "own quantization")
         exe = binary(options)
-        self.names = spec.served_names()
         self.tokenizer = load_tokenizer(spec)
-        self.tool_format = format_for(self.tokenizer, options.tool_call_parser)
-        self.emitter = Emitter(publisher, self.cancel, self.tool_format)
-        self._stopping = threading.Event()
         self._dir = Path(tempfile.mkdtemp(prefix=f"llmq-llama-server-{os.getpid()}-"))
         self.socket_path = self._dir / "server.sock"  # llama-server takes a --host ending in .sock as a UNIX socket
         self.log_path = self._dir / "server.log"
@@ -138,15 +159,9 @@ class LlamaCppEngine:
         self.context_length = min(int(meta["n_ctx"]), spec.context_length or int(meta["n_ctx"]))
         self.vocab_size = int(meta["n_vocab"])
         self.device = "cuda" if options.n_gpu_layers else "cpu"
-        self._loop = asyncio.new_event_loop()
-        self._loop_thread = threading.Thread(target=self._loop.run_forever, name=f"llmq-llamacpp-{self.names[0]}",
-                                             daemon=True)
-        self._loop_thread.start()
-        self._tasks: dict[str, asyncio.Task[None]] = {}  # request id -> its stream (loop thread only)
         self._streaming: set[str] = set()  # request ids past their prompt: a token from each every step
-        self._out = LoopBatcher(self._loop, self.emitter.publish, alone=lambda: len(self._tasks) <= 1,
-                                sources=lambda: len(self._streaming))
-        self._clock = StepClock()
+        super().__init__(spec.served_names(), format_for(self.tokenizer, options.tool_call_parser), publisher,
+                         sources=lambda: len(self._streaming))
         log.info("llama.cpp engine for %s: pid %d, %d slots of %d tokens", ",".join(self.names), self.proc.pid,
                  options.max_batch_size, self.context_length)
 
@@ -175,16 +190,7 @@ class LlamaCppEngine:
 
     # ------------------------------------------------------------ control
 
-    def start(self) -> None:
-        """Everything runs from the constructor on."""
-
-    def stop(self) -> None:
-        self._stopping.set()
-        n = self.emitter.fail_all(503, "worker_shutdown", "The worker running this job shut down before it finished.")
-        if n:
-            log.warning("stopped with %d running job(s); they ended with an error", n)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._loop_thread.join(timeout=5)
+    def shut_down(self) -> None:
         self.proc.terminate()
         try:
             self.proc.wait(timeout=10)
@@ -213,46 +219,13 @@ class LlamaCppEngine:
                           grammar.param)
         check_spec(grammar)
 
-    def step_s(self) -> float:
-        return self._clock.mean_s
-
-    def submit(self, job: Job, prompt_ids: list[int], max_tokens: int, queue_s: float) -> list[Choice]:
-        choices = choices_of(job, prompt_ids, max_tokens, queue_s)
-        self.emitter.add(choices)
-        for c in choices:
-            self._loop.call_soon_threadsafe(self._start, c, request_body(job, c.index, prompt_ids, max_tokens))
-        return choices
-
-    def cancel(self, job_id: str) -> bool:
-        choices = self.emitter.of_job(job_id)
-        for c in choices:
-            self.emitter.end(c, "cancelled")
-            self._loop.call_soon_threadsafe(self._abort, c.request_id)
-        if choices:
-            log.info("job %s: cancelled after %d tokens", job_id, sum(c.tokens for c in choices))
-        return bool(choices)
-
     # --------------------------------------------------------- loop thread
 
-    def _start(self, choice: Choice, body: dict[str, Any]) -> None:
-        if choice.finish_reason is not None:
-            return  # cancelled before it reached the loop
-        rid = choice.request_id
-        task = self._loop.create_task(self._stream(choice, body))
-        self._tasks[rid] = task
-
-        def ended(_: asyncio.Task[None]) -> None:
-            self._tasks.pop(rid, None)
-            self._streaming.discard(rid)
-
-        task.add_done_callback(ended)
-
-    def _abort(self, request_id: str) -> None:
-        task = self._tasks.get(request_id)
-        if task is not None:
-            task.cancel()  # closing the stream makes llama.cpp free the slot
-
-    async def _stream(self, choice: Choice, body: dict[str, Any]) -> None:
+    async def generate(self, request: Request) -> None:
+        """One choice as one streamed request; cancelling this task closes
+        the stream, which makes llama.cpp free the slot."""
+        (choice,) = request.choices
+        body = request_body(request.job, choice.index, request.prompt_ids, request.max_tokens)
         k = choice.job.sampling.logprobs
         counted = 0
 
@@ -262,21 +235,21 @@ class LlamaCppEngine:
             msg = json.loads(data)
             if "error" in msg:
                 raise RuntimeError(f"llama-server: {msg['error']}")
-            self._clock.tick()
+            self.tick()
             if msg.get("stop"):
                 finish = FINISH.get(msg.get("stop_type", ""))
                 if finish is None:
                     raise RuntimeError(f"llama-server ended the stream ({msg.get('stop_type')})")
-                self._out.put([Update(choice, text=msg.get("content", ""), finish=finish,
-                                      tokens=max(int(msg.get("tokens_predicted", counted)) - counted, 0))])
+                self.put([Update(choice, text=msg.get("content", ""), finish=finish,
+                                 tokens=max(int(msg.get("tokens_predicted", counted)) - counted, 0))])
                 return True
             tokens = len(msg.get("tokens") or ())
             if tokens or msg.get("content"):  # not the stream's opening message or a progress report
                 if not counted:
-                    self._streaming.add(choice.request_id)
+                    self._streaming.add(request.id)
                 counted += tokens
-                self._out.put([Update(choice, text=msg.get("content", ""), tokens=tokens,
-                                      logprobs=_logprobs(msg.get("completion_probabilities"), k))])
+                self.put([Update(choice, text=msg.get("content", ""), tokens=tokens,
+                                 logprobs=_logprobs(msg.get("completion_probabilities"), k))])
             return False
 
         try:
@@ -284,11 +257,8 @@ class LlamaCppEngine:
             # then drops a kept-alive connection after a streamed answer, and
             # a new local connection costs well under a millisecond.
             await post_events(str(self.socket_path), "/completion", json.dumps(body).encode(), on_event)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("job %s: llama.cpp failed choice %d: %s", choice.job.job_id, choice.index, exc)
-            self._out.put([Update(choice, error=f"{type(exc).__name__}: {exc}")])
+        finally:
+            self._streaming.discard(request.id)
 
 
 def _logprobs(entries: Any, k: int | None) -> list[TokenLogprob] | None:
@@ -299,3 +269,7 @@ def _logprobs(entries: Any, k: int | None) -> list[TokenLogprob] | None:
     return [TokenLogprob(token=e["token"], logprob=float(e["logprob"]),
                          top=[(t["token"], float(t["logprob"])) for t in e.get("top_logprobs", [])[:k]])
             for e in entries]
+
+
+ENGINE = EngineKind(name="llama.cpp", engine="worker.engines.llamacpp:LlamaCppEngine", summary="llama.cpp (GGUF)",
+                    options_type=LlamaCppOptions, options=OPTIONS)

@@ -11,23 +11,31 @@ tokenizer and chat template and reach vLLM as token ids, so every engine
 sees the same tokens for the same request.
 
 vLLM pins its own transformers and torch, so it lives in a virtualenv of its
-own (README, "Engines"); ``import vllm`` happens only here.
+own (README, "Engines"; ``python`` below); ``import vllm`` happens only here,
+inside the functions that need it, so declaring the engine (``ENGINE``, with
+its options, ``VllmOptions``) loads none of it. A job's request is a task on
+the loop of ``worker/engines/loop.py``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
-import threading
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+
+import click
 
 from broker.schemas import FinishReason, Job, TokenLogprob
-from worker.engines import EngineOptions
+from broker.settings import Settings
 from worker.engines import vllm_plugin
-from worker.engines.base import Choice, Emitter, LoopBatcher, StepClock, Update, choices_of
+from worker.engines.loop import LoopEngine, Request
+from worker.engines.protocol import Update
+from worker.engines.registry import EngineKind, EngineOptions
 from worker.grammar import GrammarSpec, check_spec, spec_of
 from worker.loading import ModelLoadError, ModelSpec, load_tokenizer
 from worker.publish import Publisher
@@ -35,14 +43,48 @@ from worker.toolcalls import format_for
 
 log = logging.getLogger("llmq.worker.engines.vllm")
 
-T = TypeVar("T")
-
 # vLLM's finish reasons; "abort" is a cancel, whose event llmq has already sent.
 FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "cancelled"}
 STARTUP_TIMEOUT_S = 900.0  # first start on a CPU compiles kernels for minutes
+VENV = Path(__file__).resolve().parents[2] / ".venv-vllm"  # make install-vllm
 
 
-def engine_args(spec: ModelSpec, options: EngineOptions) -> dict[str, Any]:
+@dataclass(frozen=True, kw_only=True)
+class VllmOptions(EngineOptions):
+    """vLLM's engine arguments that a worker passes on, as vLLM names them."""
+
+    gpu_memory_utilization: float | None = None
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    quantization: str | None = None
+    enforce_eager: bool = False
+
+    @classmethod
+    def read(cls, opts: Mapping[str, Any]) -> Self:
+        return cls(**cls.common(opts), gpu_memory_utilization=opts.get("gpu_memory_utilization"),
+                   tensor_parallel_size=opts.get("tensor_parallel_size") or 1,
+                   max_model_len=opts.get("max_model_len"), quantization=opts.get("quantization"),
+                   enforce_eager=bool(opts.get("enforce_eager")))
+
+
+OPTIONS = [
+    click.Option(["--gpu-memory-utilization"], type=float, default=None, help="vllm: share of GPU memory to use"),
+    click.Option(["--tensor-parallel-size"], type=int, default=1, help="vllm: GPUs one model is split over"),
+    click.Option(["--max-model-len"], type=int, default=None, help="vllm: context length served"),
+    click.Option(["--quantization"], default=None, help="vllm: the checkpoint's quantization (awq, gptq, ...)"),
+    click.Option(["--enforce-eager"], is_flag=True, default=False, help="vllm: no CUDA graphs / compilation"),
+]
+
+
+def python(settings: Settings) -> str:
+    """vLLM pins its own torch and transformers, so it lives in a virtualenv
+    of its own: LLMQ_VLLM_PYTHON (``settings.vllm_python``), else the
+    checkout's .venv-vllm, else this Python."""
+    path = str(settings.vllm_python or VENV / "bin" / "python")
+    return path if Path(path).exists() else sys.executable
+
+
+def engine_args(spec: ModelSpec, options: VllmOptions) -> dict[str, Any]:
     """vLLM's engine arguments for a worker's options, named as vLLM names
     them (``vllm serve --help``); what the worker was not given is left to
     vLLM's defaults."""
@@ -103,10 +145,10 @@ def structured_outputs(grammar: GrammarSpec | None) -> Any:
     return StructuredOutputsParams(structural_tag=grammar.value)
 
 
-class VllmEngine:
+class VllmEngine(LoopEngine):
     kind = "vllm"
 
-    def __init__(self, spec: ModelSpec, options: EngineOptions, publisher: Publisher) -> None:
+    def __init__(self, spec: ModelSpec, options: VllmOptions, publisher: Publisher) -> None:
         try:
             from vllm import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
@@ -125,26 +167,17 @@ class VllmEngine:
         # vLLM's processes die with the worker (worker/engines/vllm_plugin.py).
         os.environ[vllm_plugin.ENV] = str(os.getpid())
         os.register_at_fork(after_in_child=vllm_plugin.die_with_parent)
-        self.names = spec.served_names()
         self.tokenizer = load_tokenizer(spec)
-        self.tool_format = format_for(self.tokenizer, options.tool_call_parser)
-        self.emitter = Emitter(publisher, self.cancel, self.tool_format)
-        self._loop = asyncio.new_event_loop()
-        self._loop_thread = threading.Thread(target=self._loop.run_forever, name=f"llmq-vllm-{self.names[0]}",
-                                             daemon=True)
-        self._loop_thread.start()
-        self._out = LoopBatcher(self._loop, self.emitter.publish)
-        self._tasks: dict[str, asyncio.Task[None]] = {}  # job id -> its generate task (loop thread only)
-        self._clock = StepClock()
+        super().__init__(spec.served_names(), format_for(self.tokenizer, options.tool_call_parser), publisher)
         args = AsyncEngineArgs(**engine_args(spec, options))
 
         async def make() -> Any:
             return AsyncLLM.from_engine_args(args)
 
         try:
-            self.llm = self._call(make(), STARTUP_TIMEOUT_S)
+            self.llm = self.call(make(), STARTUP_TIMEOUT_S)
         except Exception as exc:
-            self._close_loop()
+            self.close_loop()
             raise ModelLoadError(f"--model-path {spec.path}: vLLM could not start: "
                                  f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
         config = self.llm.model_config
@@ -153,27 +186,11 @@ class VllmEngine:
         log.info("vLLM engine for %s on %s: context %d, %d sequences at once (pid %d)", ",".join(self.names),
                  self.device, self.context_length, options.max_batch_size, os.getpid())
 
-    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
-
-    # ------------------------------------------------------------ control
-
-    def start(self) -> None:
-        """Everything runs from the constructor on."""
-
-    def stop(self) -> None:
-        n = self.emitter.fail_all(503, "worker_shutdown", "The worker running this job shut down before it finished.")
-        if n:
-            log.warning("stopped with %d running job(s); they ended with an error", n)
+    def shut_down(self) -> None:
         try:
             self.llm.shutdown()
         except Exception:
             log.exception("vLLM did not shut down cleanly")
-        self._close_loop()
-
-    def _close_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._loop_thread.join(timeout=10)
 
     def healthy(self) -> bool:
         return self._loop_thread.is_alive() and not self.llm.errored
@@ -185,58 +202,22 @@ class VllmEngine:
         if grammar is not None:
             check_spec(grammar)
 
-    def step_s(self) -> float:
-        return self._clock.mean_s
-
-    def submit(self, job: Job, prompt_ids: list[int], max_tokens: int, queue_s: float) -> list[Choice]:
-        choices = choices_of(job, prompt_ids, max_tokens, queue_s)
-        self.emitter.add(choices)
-        self._loop.call_soon_threadsafe(self._start, job, prompt_ids, max_tokens, choices)
-        return choices
-
-    def cancel(self, job_id: str) -> bool:
-        choices = self.emitter.of_job(job_id)
-        for c in choices:
-            self.emitter.end(c, "cancelled")
-        if choices:
-            self._loop.call_soon_threadsafe(self._abort, job_id)
-            log.info("job %s: cancelled after %d tokens", job_id, sum(c.tokens for c in choices))
-        return bool(choices)
-
-    # --------------------------------------------------------- loop thread
-
-    def _start(self, job: Job, prompt_ids: list[int], max_tokens: int, choices: list[Choice]) -> None:
-        if all(c.finish_reason is not None for c in choices):
-            return  # cancelled before it reached the loop
-        task = self._loop.create_task(self._generate(job, prompt_ids, max_tokens, choices))
-        self._tasks[job.job_id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(job.job_id, None))
-
-    def _abort(self, job_id: str) -> None:
-        task = self._tasks.get(job_id)
-        if task is not None:
-            task.cancel()  # vLLM's generate() aborts the request when its consumer is cancelled
-
-    async def _generate(self, job: Job, prompt_ids: list[int], max_tokens: int, choices: list[Choice]) -> None:
+    async def generate(self, request: Request) -> None:
+        """One vLLM request for all the job's choices; cancelling this task
+        makes vLLM abort it."""
         from vllm.inputs import TokensPrompt
 
-        try:
-            params = sampling_params(job, max_tokens, spec_of(job, self.tool_format))
-            async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params,
-                                               request_id=job.job_id):
-                self._clock.tick()
-                self._out.put([
-                    Update(choices[o.index], text=o.text, tokens=len(o.token_ids),
-                           logprobs=_logprobs(o.token_ids, o.logprobs, job.sampling.logprobs),
-                           finish=FINISH.get(o.finish_reason) if o.finish_reason else None)
-                    for o in out.outputs
-                ])
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.exception("job %s: vLLM failed it", job.job_id)
-            self._out.put([Update(c, error=f"{type(exc).__name__}: {exc}") for c in choices])
-
+        job, choices = request.job, request.choices
+        params = sampling_params(job, request.max_tokens, spec_of(job, self.tool_format))
+        async for out in self.llm.generate(TokensPrompt(prompt_token_ids=request.prompt_ids), params,
+                                           request_id=job.job_id):
+            self.tick()
+            self.put([
+                Update(choices[o.index], text=o.text, tokens=len(o.token_ids),
+                       logprobs=_logprobs(o.token_ids, o.logprobs, job.sampling.logprobs),
+                       finish=FINISH.get(o.finish_reason) if o.finish_reason else None)
+                for o in out.outputs
+            ])
 
 
 def _logprobs(token_ids: Any, entries: Any, k: int | None) -> list[TokenLogprob] | None:
@@ -251,3 +232,7 @@ def _logprobs(token_ids: Any, entries: Any, k: int | None) -> list[TokenLogprob]
         out.append(TokenLogprob(token=chosen.decoded_token or "", logprob=float(chosen.logprob),
                                 top=[(lp.decoded_token or "", float(lp.logprob)) for lp in top]))
     return out
+
+
+ENGINE = EngineKind(name="vllm", engine="worker.engines.vllm:VllmEngine", summary="vllm (its own virtualenv)",
+                    options_type=VllmOptions, options=OPTIONS, python=python)

@@ -10,9 +10,9 @@ One engine thread runs the model step after step. Each step it
    prefilled over several steps, interleaved with decoding;
 3. runs the model's own forward once over all of the step's tokens as one
    flat sequence, with attention over the paged KV cache
-   (``worker/attention.py``, ``worker/kvcache.py``);
+   (``attention.py``, ``kvcache.py``; the step's layout: ``runs.py``);
 4. picks the next token of every sequence whose prompt is done, in one
-   batched call (``worker/sampler.py``), and hands the step's tokens to the
+   batched call (``sampler.py``), and hands the step's tokens to the
    pump thread.
 
 The pump thread detokenizes, applies stop strings, attaches logprobs and
@@ -31,80 +31,29 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from broker.schemas import FinishReason, Job, TokenLogprob
-from worker.attention import NAME as ATTENTION, STEP_KWARG, Chunk, StepLayout
-from worker.detok import IncrementalDetokenizer
-from worker.engines import MAX_STEP_TOKENS
-from worker.engines.base import Choice, Emitter, Pump, Update
-from worker.grammar import Grammars, spec_of
-from worker.kvcache import KVCache
-from worker.loading import LoadedModel
-from worker.profile import StepProfile
+from worker.engines.batchers import Pump
+from worker.engines.emitter import Emitter
+from worker.engines.protocol import Choice, Update
+from worker.engines.transformers import TransformersOptions
+from worker.engines.transformers.attention import NAME as ATTENTION, STEP_KWARG
+from worker.engines.transformers.detok import IncrementalDetokenizer
+from worker.engines.transformers.grammars import Grammars
+from worker.engines.transformers.kvcache import KVCache
+from worker.engines.transformers.profile import StepProfile
+from worker.engines.transformers.runs import Plan, Run, StepOutput, layout
+from worker.engines.transformers.sampler import Pick, Sampler, Slot
+from worker.grammar import spec_of
+from worker.loading import LoadedModel, ModelSpec, load
 from worker.publish import Publisher
-from worker.sampler import Pick, Sampler, Slot
-from worker.stops import StopStrings
 from worker.toolcalls import format_for
 
 log = logging.getLogger("llmq.worker.engine")
 
 BLOCK_SIZE = 16
-
-
-
-@dataclass(eq=False, kw_only=True)
-class Run(Choice):
-    """One choice of one job inside this engine."""
-
-    detok: IncrementalDetokenizer
-    stops: StopStrings = field(init=False)
-    slot: Slot | None = None
-    grammar: Any = None  # the job's compiled xgrammar grammar, if its output is constrained
-    # engine-thread state
-    ids: list[int] = field(init=False)  # prompt, then generated tokens
-    computed: int = 0  # tokens whose keys and values are in the cache
-    blocks: list[int] = field(default_factory=list)
-    hashes: list[int] = field(default_factory=list)
-    dropped: bool = False  # cancelled or stopped: the engine lets it go at the next step
-
-    def __post_init__(self) -> None:
-        self.stops = StopStrings(self.job.stop)
-        self.ids = list(self.prompt_ids)
-
-    @property
-    def generated(self) -> int:
-        return len(self.ids) - len(self.prompt_ids)
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    run: Run
-    token: int | None
-    finish: FinishReason | None = None
-    error: str | None = None
-
-
-def engine_threads() -> int:
-    """Keep torch's CPU threads for the engine threads: call once in the
-    worker's main thread, before any model is loaded; returns the count each
-    engine thread takes.
-
-    torch's CPU kernels run on OpenMP, and libgomp keeps one thread team per
-    thread that ever ran a parallel region. Once the main thread (which
-    loads the model) has a team of its own, the engine thread's team makes
-    more OpenMP threads than cores, and libgomp then stops spinning between
-    regions: every matmul of a decode step pays a wake-up. Measured on a
-    2-core CPU: one decode step of the demo model took 56 ms from a second
-    thread against 34 ms from the first. So the main thread works on one
-    thread (no team) and each engine thread asks for all of them.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    return threads
 
 
 def _cache_for(lm: LoadedModel, kv_cache_tokens: int, prefix_caching: bool) -> KVCache:
@@ -124,25 +73,26 @@ class Engine:
 
     kind = "transformers"
 
-    def __init__(self, lm: LoadedModel, publisher: Publisher, *, max_batch: int, kv_cache_tokens: int,
-                 max_step_tokens: int = MAX_STEP_TOKENS, prefix_caching: bool = True,
-                 threads: int | None = None, tool_call_parser: str | None = None) -> None:
-        self.lm = lm
+    def __init__(self, spec: ModelSpec, options: TransformersOptions, publisher: Publisher) -> None:
+        self.lm = lm = load(spec)
         self.names = lm.names
         self.context_length = lm.context_length
         self.vocab_size = lm.vocab_size
         self.tokenizer = lm.tokenizer
         self.device = str(lm.device)
-        self.threads = threads or torch.get_num_threads()
-        self.max_batch = max_batch
-        self.max_step_tokens = max(max_step_tokens, max_batch + 1)
+        self.threads = options.threads or torch.get_num_threads()
+        self.max_batch = max_batch = options.max_batch_size
+        self.max_step_tokens = max(options.max_step_tokens, max_batch + 1)
         self.profile = StepProfile()
         self._eos = frozenset(lm.eos_token_ids)
         self.grammars = Grammars(lm.tokenizer, lm.vocab_size, sorted(self._eos))
         self.sampler = Sampler(lm.vocab_size, grammars=self.grammars)
-        self.cache = _cache_for(lm, kv_cache_tokens, prefix_caching)
-        self.tool_format = format_for(lm.tokenizer, tool_call_parser)
-        self.emitter = Emitter(publisher, self.cancel, self.tool_format)
+        # Default: room for every batch row at 2k tokens (or the context, if
+        # shorter); enough for chat on CPU without taking all memory.
+        kv_cache_tokens = options.kv_cache_tokens or max_batch * min(lm.context_length, 2048)
+        self.cache = _cache_for(lm, kv_cache_tokens, options.prefix_caching)
+        self.tool_format = format_for(lm.tokenizer, options.tool_call_parser)
+        self.emitter = Emitter(publisher, self.tool_format)
         self._lock = threading.Lock()
         self._inbox: list[Run] = []
         self._wake = threading.Event()
@@ -217,7 +167,7 @@ class Engine:
     # ------------------------------------------------------- engine thread
 
     def _loop(self) -> None:
-        torch.set_num_threads(self.threads)  # per thread under OpenMP; see engine_threads()
+        torch.set_num_threads(self.threads)  # per thread under OpenMP; see threads.py
         while not self._stopping.is_set():
             self._intake()
             if not self._running and not self._waiting:
@@ -265,11 +215,11 @@ class Engine:
         if not plan:  # nothing fits in memory right now; finishing runs will free some
             self._wake.wait(0.01)
             return
-        layout, input_ids, positions, logit_at = self._layout(plan)
+        step, input_ids, positions, logit_at = layout(plan, self.cache, self.lm.device)
         t1 = time.monotonic()
         with torch.inference_mode():
             out = self.lm.model(input_ids=input_ids, position_ids=positions, logits_to_keep=logit_at,
-                                use_cache=False, **{STEP_KWARG: layout})
+                                use_cache=False, **{STEP_KWARG: step})
         t2 = time.monotonic()
         sampling = [r for r, n in plan if r.computed + n == len(r.ids)]
         slots: list[Slot] = [r.slot for r in sampling if r.slot is not None]
@@ -282,10 +232,10 @@ class Engine:
         self.profile.step(decode_rows=decode, prefill_tokens=sum(n for _, n in plan) - decode, sampled=len(tokens),
                           schedule=t1 - t0, forward=t2 - t1, sample=t3 - t2, update=time.monotonic() - t3)
 
-    def _schedule(self) -> list[tuple[Run, int]]:
+    def _schedule(self) -> Plan:
         """This step's (run, tokens to compute): decoders first, then prompt chunks."""
         cache, bs = self.cache, self.cache.block_size
-        plan: list[tuple[Run, int]] = []
+        plan: Plan = []
         for run in list(self._running):
             if len(run.ids) - run.computed == 1 and run in self._running:
                 if run.computed == len(run.blocks) * bs and not self._grow(run):
@@ -352,38 +302,7 @@ class Engine:
             run.blocks.append(block)
         return n
 
-    def _layout(self, plan: list[tuple[Run, int]]) -> tuple[StepLayout, torch.Tensor, torch.Tensor, torch.Tensor]:
-        cache, device = self.cache, self.lm.device
-        decode = [r for r, n in plan if n == 1]
-        ids: list[int] = []
-        positions: list[int] = []
-        write: list[int] = []
-        logit_at: list[int] = []
-        chunks: list[Chunk] = []
-        for run, n in plan:  # decoders come first in the plan
-            start, stop = run.computed, run.computed + n
-            if n > 1 and start == 0:
-                chunks.append(Chunk(start=len(ids), length=n))
-            elif n > 1:
-                read, _ = cache.read_index([run.blocks], [stop])
-                causal = torch.arange(stop).unsqueeze(0) <= torch.arange(start, stop).unsqueeze(1)
-                chunks.append(Chunk(start=len(ids), length=n, read=read[0].to(device),
-                                    mask=causal[None, None].to(device)))
-            ids += run.ids[start:stop]
-            positions += range(start, stop)
-            write += cache.rows(run.blocks, start, stop)
-            if stop == len(run.ids):
-                logit_at.append(len(ids) - 1)
-        decode_read = decode_mask = None
-        if decode:
-            read, mask = cache.read_index([r.blocks for r in decode], [r.computed + 1 for r in decode])
-            decode_read, decode_mask = read.to(device), mask[:, None, None, :].to(device)
-        layout = StepLayout(cache=cache, write=torch.tensor(write, device=device), decode=len(decode),
-                            decode_read=decode_read, decode_mask=decode_mask, chunks=tuple(chunks))
-        return (layout, torch.tensor([ids], device=device), torch.tensor([positions], device=device),
-                torch.tensor(logit_at, device=device, dtype=torch.long))
-
-    def _advance(self, plan: list[tuple[Run, int]], tokens: dict[int, int]) -> list[StepOutput]:
+    def _advance(self, plan: Plan, tokens: dict[int, int]) -> list[StepOutput]:
         outputs: list[StepOutput] = []
         for run, n in plan:
             run.computed += n
@@ -439,13 +358,3 @@ class Engine:
             TokenLogprob(token=decode([p.token]), logprob=p.logprob, top=[(decode([t]), lp) for t, lp in p.top])
             for p in picks
         ]
-
-
-def engine_kwargs(options: Any, context_length: int) -> dict[str, Any]:
-    """Engine arguments from the worker's ``EngineOptions``. Default KV cache
-    size: room for every batch row at 2k tokens (or the context, if shorter);
-    enough for chat on CPU without taking all memory."""
-    return {"max_batch": options.max_batch_size, "max_step_tokens": options.max_step_tokens,
-            "prefix_caching": options.prefix_caching, "threads": options.threads,
-            "tool_call_parser": options.tool_call_parser,
-            "kv_cache_tokens": options.kv_cache_tokens or options.max_batch_size * min(context_length, 2048)}

@@ -18,7 +18,7 @@ batch, whatever mix of options the rows carry:
 4. logprobs (and the top alternatives) come from the model's raw
    distribution, before penalties and temperature, as OpenAI reports them.
 
-Rows with a grammar (structured outputs, tool calls: ``worker/grammar.py``)
+Rows with a grammar (structured outputs, tool calls: ``grammars.py``)
 have the tokens it forbids masked after step 1, all such rows in one call;
 each picked token then advances its row's matcher. Rows without one pay
 nothing.
@@ -35,7 +35,7 @@ import torch
 from broker.schemas import Sampling
 
 if TYPE_CHECKING:
-    from worker.grammar import Grammars
+    from worker.engines.transformers.grammars import Grammars
 
 GREEDY_BELOW = 1e-5
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from worker.kvcache import KVCache
+from worker.engines.transformers.kvcache import KVCache
 
 NAME = "llmq_paged"
 STEP_KWARG = "llmq_step"

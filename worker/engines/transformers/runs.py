@@ -1,0 +1,87 @@
+"""The transformers engine's runs (one choice each, with its place in the
+KV cache and its text state) and the layout of one step's runs as the flat
+sequence the model's forward takes (``worker/engines/transformers/attention.py``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from broker.schemas import FinishReason
+from worker.engines.protocol import Choice
+from worker.engines.transformers.attention import Chunk, StepLayout
+from worker.engines.transformers.detok import IncrementalDetokenizer
+from worker.engines.transformers.kvcache import KVCache
+from worker.engines.transformers.sampler import Slot
+from worker.engines.transformers.stops import StopStrings
+
+
+@dataclass(eq=False, kw_only=True)
+class Run(Choice):
+    """One choice of one job inside this engine."""
+
+    detok: IncrementalDetokenizer
+    stops: StopStrings = field(init=False)
+    slot: Slot | None = None
+    grammar: Any = None  # the job's compiled xgrammar grammar, if its output is constrained
+    # engine-thread state
+    ids: list[int] = field(init=False)  # prompt, then generated tokens
+    computed: int = 0  # tokens whose keys and values are in the cache
+    blocks: list[int] = field(default_factory=list)
+    hashes: list[int] = field(default_factory=list)
+    dropped: bool = False  # cancelled or stopped: the engine lets it go at the next step
+
+    def __post_init__(self) -> None:
+        self.stops = StopStrings(self.job.stop)
+        self.ids = list(self.prompt_ids)
+
+    @property
+    def generated(self) -> int:
+        return len(self.ids) - len(self.prompt_ids)
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    run: Run
+    token: int | None
+    finish: FinishReason | None = None
+    error: str | None = None
+
+
+Plan = list[tuple[Run, int]]  # one step's runs and how many tokens each computes; decoders first
+
+
+def layout(plan: Plan, cache: KVCache, device: torch.device | str
+           ) -> tuple[StepLayout, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step's flat sequence for the forward: its attention layout, input
+    ids, positions, and the indices of the tokens whose logits are sampled."""
+    decode = [r for r, n in plan if n == 1]
+    ids: list[int] = []
+    positions: list[int] = []
+    write: list[int] = []
+    logit_at: list[int] = []
+    chunks: list[Chunk] = []
+    for run, n in plan:  # decoders come first in the plan
+        start, stop = run.computed, run.computed + n
+        if n > 1 and start == 0:
+            chunks.append(Chunk(start=len(ids), length=n))
+        elif n > 1:
+            read, _ = cache.read_index([run.blocks], [stop])
+            causal = torch.arange(stop).unsqueeze(0) <= torch.arange(start, stop).unsqueeze(1)
+            chunks.append(Chunk(start=len(ids), length=n, read=read[0].to(device),
+                                mask=causal[None, None].to(device)))
+        ids += run.ids[start:stop]
+        positions += range(start, stop)
+        write += cache.rows(run.blocks, start, stop)
+        if stop == len(run.ids):
+            logit_at.append(len(ids) - 1)
+    decode_read = decode_mask = None
+    if decode:
+        read, mask = cache.read_index([r.blocks for r in decode], [r.computed + 1 for r in decode])
+        decode_read, decode_mask = read.to(device), mask[:, None, None, :].to(device)
+    layout = StepLayout(cache=cache, write=torch.tensor(write, device=device), decode=len(decode),
+                        decode_read=decode_read, decode_mask=decode_mask, chunks=tuple(chunks))
+    return (layout, torch.tensor([ids], device=device), torch.tensor([positions], device=device),
+            torch.tensor(logit_at, device=device, dtype=torch.long))
