@@ -65,7 +65,7 @@ class Constraint(Strict):
 
 
 class Sampling(Strict):
-    """How each choice of a job picks its tokens (worker/sampler.py)."""
+    """How each choice of a job picks its tokens (worker/engines/transformers/sampler.py)."""
 
     max_tokens: int | None = Field(default=None, ge=1, description="None: up to the context length")
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0: greedy")
