@@ -282,8 +282,8 @@ class Jobs:
             submitted_at=time.time(),
             priority=priority,
         )
-        q = self._router.open(job.job_id)
         try:
+            q = self._router.open(job.job_id)
             await self._send(job, queue)
             first = await self._first_event(q, job.job_id)
         except BaseException:
@@ -342,8 +342,8 @@ class Jobs:
         await self.enter_queue(model, job_id)
         job = Job(job_id=job_id, model=model, kind="embedding", inputs=inputs,
                   reply_channel=self._router.channel, submitted_at=time.time())
-        q = self._router.open(job.job_id)
         try:
+            q = self._router.open(job.job_id)
             await self._send(job, queue)
             ev = await self._first_event(q, job.job_id)
         except BaseException:
