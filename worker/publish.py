@@ -95,7 +95,16 @@ class Publisher:
         before, reached no subscriber."""
         commands, owners = self._commands(events)
         jobs = [[] for _ in first] + [[events[i][1].job_id for i in owned] for owned in owners]
-        self._execute([*first, *commands], wait=False, jobs=jobs)
+        try:
+            self._execute([*first, *commands], wait=False, jobs=jobs)
+        except redis.ConnectionError:
+            # Redis is lost (a failover, a restart): these events with it, and
+            # the API processes that lost it too have failed their open jobs
+            # (api/replies.py). Named at the next send that gets through, the
+            # jobs are cancelled, not run on for nobody in slots new jobs need.
+            with self._conn_lock:
+                self._gone.update(job for owned in jobs for job in owned)
+            raise
         with self._conn_lock:
             gone, self._gone = self._gone, set()
         return gone

@@ -1,0 +1,82 @@
+"""What the API and the worker do with their jobs while Redis is lost (a
+failover, a restart), against a real redis-server stopped and started
+again: no job is sent while the API's reply channel is unsubscribed, and the
+worker cancels the jobs whose events went down with Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from api.replies import ReplyRouter
+from broker.schemas import Delta
+from tests.procs import start_redis
+from worker.publish import Publisher
+
+
+def test_the_worker_names_the_jobs_whose_events_went_down_with_redis(tmp_path: Path) -> None:
+    """Their API processes lost Redis too and failed them: once Redis is back
+    the next send names them, and the engine cancels them (``drop_unheard``).
+    A streamed or kept job is not named: its events are not for a subscriber."""
+    proc, port = start_redis(tmp_path)
+    pub = Publisher(redis.Redis(port=port))
+    pub.stream("streamed", "llmq:test:stream")
+    pub.keep("kept")
+
+    def step(seq: int) -> list[tuple[str, Delta]]:
+        return [(channel, Delta(job_id=job, seq=seq, text=".", completion_tokens=seq))
+                for job, channel in (("a", "chan"), ("streamed", "chan"), ("kept", "chan"))]
+
+    try:
+        assert pub.send(step(1)) == set()
+        proc.kill()
+        with pytest.raises(redis.ConnectionError):  # a write or two may still go into the dead socket
+            for seq in range(2, 10):
+                pub.send(step(seq))
+        proc, _ = start_redis(tmp_path, port)
+        assert pub.send([]) == {"a"}
+        assert pub.send([]) == set()  # named once
+    finally:
+        pub.close()
+        proc.kill()
+
+
+def test_the_api_sends_no_job_while_its_reply_channel_is_not_subscribed(tmp_path: Path) -> None:
+    """Such a job's events would reach nobody and its request would wait for
+    them until a timeout: ``open`` refuses it (a 503 ``broker_unavailable``)."""
+    proc, port = start_redis(tmp_path)
+
+    async def scenario() -> None:
+        nonlocal proc
+        router = ReplyRouter(aioredis.Redis(port=port), "llmq:test:reply")
+        with pytest.raises(RedisConnectionError):
+            router.open("before-start")
+        await router.start()
+        try:
+            q = router.open("open-at-the-loss")
+            proc.kill()
+            assert (await asyncio.wait_for(q.get(), 10)).code == "broker_unavailable"  # type: ignore[union-attr]
+            with pytest.raises(RedisConnectionError):
+                router.open("while-lost")
+            proc, _ = start_redis(tmp_path, port)
+            for _ in range(200):  # subscribed again within a few RESUBSCRIBE_DELAY_S
+                try:
+                    router.open("after")
+                    break
+                except RedisConnectionError:
+                    await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the reply channel was not subscribed again")
+        finally:
+            await router.stop()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        proc.kill()
+
