@@ -16,7 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from api.replies import ReplyRouter
 from broker.schemas import Delta
 from tests.procs import start_redis
-from worker.publish import Publisher
+from worker.publish import UNREAD_MAX, Publisher
 
 
 def test_the_worker_names_the_jobs_whose_events_went_down_with_redis(tmp_path: Path) -> None:
@@ -32,15 +32,35 @@ def test_the_worker_names_the_jobs_whose_events_went_down_with_redis(tmp_path: P
         return [(channel, Delta(job_id=job, seq=seq, text=".", completion_tokens=seq))
                 for job, channel in (("a", "chan"), ("streamed", "chan"), ("kept", "chan"))]
 
+    def listen() -> None:  # job a is heard, as long as Redis stays up
+        sub = redis.Redis(port=port).pubsub()
+        sub.subscribe("chan")
+        assert sub.get_message(timeout=5)["type"] == "subscribe"
+        listeners.append(sub)
+
+    listeners: list[redis.client.PubSub] = []
     try:
-        assert pub.send(step(1)) == set()
+        listen()
+        for seq in range(1, 2 * UNREAD_MAX):  # replies read back: heard
+            assert pub.send(step(seq)) == set()
         proc.kill()
         with pytest.raises(redis.ConnectionError):  # a write or two may still go into the dead socket
-            for seq in range(2, 10):
+            for seq in range(200, 210):
                 pub.send(step(seq))
         proc, _ = start_redis(tmp_path, port)
+        listen()
         assert pub.send([]) == {"a"}
         assert pub.send([]) == set()  # named once
+        # Back before the next step (a failover between two slow steps): the
+        # events written into the dead connection are lost all the same.
+        assert pub.send(step(300)) == set()
+        proc.kill()
+        proc, _ = start_redis(tmp_path, port)
+        listen()
+        gone: set[str] = set()
+        for seq in range(301, 310):
+            gone |= pub.send(step(seq))
+        assert gone == {"a"}
     finally:
         pub.close()
         proc.kill()

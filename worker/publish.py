@@ -97,11 +97,7 @@ class Publisher:
         jobs = [[] for _ in first] + [[events[i][1].job_id for i in owned] for owned in owners]
         try:
             self._execute([*first, *commands], wait=False, jobs=jobs)
-        except redis.ConnectionError:
-            # Redis is lost (a failover, a restart): these events with it, and
-            # the API processes that lost it too have failed their open jobs
-            # (api/replies.py). Named at the next send that gets through, the
-            # jobs are cancelled, not run on for nobody in slots new jobs need.
+        except redis.ConnectionError:  # Redis is unreachable: these events are lost too (see drop in _execute)
             with self._conn_lock:
                 self._gone.update(job for owned in jobs for job in owned)
             raise
@@ -169,6 +165,12 @@ class Publisher:
             return []
 
         def drop(_: Exception) -> None:
+            # The connection broke (Redis failed over, restarted): the events
+            # whose replies were not read back may have gone down with it,
+            # and the API processes that lost Redis too have failed their
+            # jobs (api/replies.py). Named as gone, the engine cancels them
+            # rather than run them on for nobody, in slots new jobs need.
+            self._gone.update(job for owned in self._unread for job in owned)
             self._unread.clear()
             self._give_back()
 
