@@ -25,6 +25,11 @@ def make_celery(settings: Settings, main: str = "llmq") -> Celery:
         # shortest-queue guess.
         worker_prefetch_multiplier=1,
         worker_disable_prefetch=True,
+        # After a broker reconnect Celery would cut the prefetch to the free
+        # slots and give one back per *new* job acknowledged: a worker whose
+        # slots were busy at a failover took one job at a time for a minute.
+        # With prefetch disabled a job is fetched only into a free slot anyway.
+        worker_enable_prefetch_count_reduction=False,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         # Kombu puts an unacknowledged message back after this long. Workers
