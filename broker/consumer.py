@@ -31,7 +31,7 @@ from kombu import Connection
 PAUSE_OPTIONS = ("interval_start", "interval_step", "interval_max")
 
 
-class Consumer(CeleryConsumer):  # type: ignore[misc]
+class Consumer(CeleryConsumer):
     def ensure_connected(self, conn: Connection) -> Connection:
         pauses = {k: conn.transport_options[k] for k in PAUSE_OPTIONS if k in conn.transport_options}
         # On this connection object only: Celery makes a new one for each reconnect.

@@ -92,7 +92,7 @@ class Publisher:
         sleep and wake again on every token (at one client that wake cost as
         much CPU as the publish). ``first`` are commands written just before
         the events, in the same write. Returns the jobs whose events, sent
-        before, reached no subscriber."""
+        before, reached no subscriber or went down with a broken connection."""
         commands, owners = self._commands(events)
         jobs = [[] for _ in first] + [[events[i][1].job_id for i in owned] for owned in owners]
         try:
