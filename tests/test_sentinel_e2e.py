@@ -114,7 +114,8 @@ def test_primary_killed_under_load(cluster: tuple[list[Proc], list[int], int, in
     flower_port = free_port()
     flower = spawn("flower-sentinel", [sys.executable, "-m", "celery", "-A", "broker.app", "flower",
                                        f"--port={flower_port}", "--address=127.0.0.1", "--basic-auth=admin:pw"], env)
-    # (sent, started, ended, outcome): a stream starts once a worker has started its job, a whole answer at its end.
+    # (sent, started, ended, outcome): a stream starts once a worker has started its job, a whole answer at its
+    # end. Half the clients stream at any time (they fail and retry in step during the failover).
     outcomes: list[tuple[float, float, float, str]] = []
     lock = threading.Lock()
     stop = threading.Event()
@@ -128,7 +129,7 @@ def test_primary_killed_under_load(cluster: tuple[list[Proc], list[int], int, in
                 started = float("inf")
                 try:
                     with http.stream("POST", f"{base}/v1/chat/completions", json={
-                            "model": DEMO_MODEL, "max_tokens": 12, "temperature": 0, "stream": n % 2 == 0,
+                            "model": DEMO_MODEL, "max_tokens": 12, "temperature": 0, "stream": (n + i) % 2 == 0,
                             "messages": [{"role": "user", "content": f"Client {i}, request {n}."}]}) as r:
                         started = time.monotonic()
                         body = r.read().decode()
