@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from api.replies import ReplyRouter
-from broker.schemas import Delta
+from broker.schemas import Delta, Started, parse_message
 from tests.procs import start_redis
 from worker.publish import UNREAD_MAX, Publisher
 
@@ -61,6 +61,16 @@ def test_the_worker_names_the_jobs_whose_events_went_down_with_redis(tmp_path: P
         for seq in range(301, 310):
             gone |= pub.send(step(seq))
         assert gone == {"a"}
+        # Back before anything was sent: a job's Started is not written into
+        # the closed connection (lost, its request would wait for it).
+        assert pub.send(step(400)) == set()
+        proc.kill()
+        proc, _ = start_redis(tmp_path, port)
+        listen()
+        started = Started(job_id="new", seq=0, worker="w", prompt_tokens=3, queue_s=0.0)
+        assert pub.send([("chan", started)]) == {"a"}
+        heard = [listeners[-1].get_message(timeout=5) for _ in range(1)]
+        assert [parse_message(m["data"])[0].job_id for m in heard if m] == ["new"]
     finally:
         pub.close()
         proc.kill()
