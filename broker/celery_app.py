@@ -25,6 +25,11 @@ def make_celery(settings: Settings, main: str = "llmq") -> Celery:
         # shortest-queue guess.
         worker_prefetch_multiplier=1,
         worker_disable_prefetch=True,
+        # After a broker reconnect Celery would cut the prefetch to the free
+        # slots and give one back per *new* job acknowledged: a worker whose
+        # slots were busy at a failover took one job at a time for a minute.
+        # With prefetch disabled a job is fetched only into a free slot anyway.
+        worker_enable_prefetch_count_reduction=False,
         # A job's message is acknowledged when it ends, so one its worker
         # dies with, or gives back (Reject(requeue=True): a batch line whose
         # result could not be stored, worker/runtime.py), runs again.
@@ -45,6 +50,8 @@ def make_celery(settings: Settings, main: str = "llmq") -> Celery:
             "visibility_timeout": settings.heartbeat_ttl_s,
             "unacked_mutex_expire": settings.heartbeat_interval_s, **transport},
         broker_connection_retry_on_startup=True,
+        # Celery's consumer, reconnecting at the pauses of the transport options.
+        worker_consumer="broker.consumer:Consumer",
         # Flower shows each job as a task.
         worker_send_task_events=True,
         task_send_sent_event=True,

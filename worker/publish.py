@@ -102,11 +102,17 @@ class Publisher:
         sleep and wake again on every token (at one client that wake cost as
         much CPU as the publish). ``first`` are commands written just before
         the events, in the same write. The jobs whose events, sent before,
-        reached no subscriber go to the ``on_unheard`` handler, here, in the
-        caller's thread."""
+        reached no subscriber or went down with a broken connection go to the
+        ``on_unheard`` handler, here, in the caller's thread."""
         commands, owners = self._commands(events)
         jobs = [[] for _ in first] + [[events[i][1].job_id for i in owned] for owned in owners]
-        self._execute([*first, *commands], wait=False, jobs=jobs)
+        starts = any(isinstance(event, Started) for _, event in events)
+        try:
+            self._execute([*first, *commands], wait=False, jobs=jobs, probe=starts)
+        except redis.ConnectionError:  # Redis is unreachable: these events are lost too (see drop in _execute)
+            with self._conn_lock:
+                self._gone.update(job for owned in jobs for job in owned)
+            raise
         with self._conn_lock:
             gone, self._gone = self._gone, set()
         if gone and self._unheard is not None:
@@ -149,20 +155,23 @@ class Publisher:
             kept.append(event)
         return kept is not None
 
-    def _execute(self, commands: list[Command], *, wait: bool, jobs: list[list[str]] | None = None
-                 ) -> list[object]:
+    def _execute(self, commands: list[Command], *, wait: bool, jobs: list[list[str]] | None = None,
+                 probe: bool = False) -> list[object]:
         """Reads the replies of earlier ``send`` calls, then sends the
         commands in one write and, with ``wait``, returns their replies.
         Without, ``jobs`` (per command, the jobs its reply counts for) wait
         in ``_unread``. A broken connection is dropped and the write retried
         on a new one, as the connection's retry policy says; unread replies
-        are lost with it."""
+        are lost with it. With ``probe`` (a job's Started), a connection
+        Redis has closed is found before the write: written into it, without
+        a reply awaited, a Started is lost without an error, and its request
+        waits for it until the API's first_event_timeout_s."""
         def roundtrip() -> list[object]:
             if self._conn is None:
                 self._conn = self._pool.get_connection()
             conn = self._conn
-            if wait or len(self._unread) >= UNREAD_MAX:
-                self._read_unread(conn)
+            if wait or probe or len(self._unread) >= UNREAD_MAX:
+                self._read_unread(conn, probe=probe)
             if commands:
                 conn.send_packed_command(conn.pack_commands(commands), check_health=False)
             if wait:
@@ -172,6 +181,12 @@ class Publisher:
             return []
 
         def drop(_: Exception) -> None:
+            # The connection broke (Redis failed over, restarted): the events
+            # whose replies were not read back may have gone down with it,
+            # and the API processes that lost Redis too have failed their
+            # jobs (api/replies.py). Named as gone, the engine cancels them
+            # rather than run them on for nobody, in slots new jobs need.
+            self._gone.update(job for owned in self._unread for job in owned)
             self._unread.clear()
             self._give_back()
 
@@ -189,15 +204,22 @@ class Publisher:
             self._pool.release(self._conn)
             self._conn = None
 
-    def _read_unread(self, conn: redis.connection.ConnectionInterface) -> None:
-        """The replies of earlier sends; a PUBLISH that reached nobody names its jobs in ``_gone``."""
-        unread, self._unread = self._unread, []
-        for jobs in unread:
+    def _read_unread(self, conn: redis.connection.ConnectionInterface, probe: bool = False) -> None:
+        """The replies of earlier sends; a PUBLISH that reached nobody names
+        its jobs in ``_gone``. Taken off ``_unread`` only once all are read
+        (and, with ``probe``, the connection found open): a connection that
+        breaks meanwhile names them all (``drop`` in ``_execute``)."""
+        replies: list[object] = []
+        for _ in self._unread:
             try:
-                reply = conn.read_response()
+                replies.append(conn.read_response())
             except redis.ResponseError as exc:  # one command failed; its connection is fine
                 log.error("an event's command failed in Redis: %s", exc)
-                continue
+                replies.append(None)
+        if probe:
+            conn.can_read(timeout=0)  # with every reply read, only a closed connection is readable: it raises
+        unread, self._unread = self._unread, []
+        for jobs, reply in zip(unread, replies):
             if reply == 0:
                 self._gone.update(jobs)
 

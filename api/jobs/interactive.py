@@ -228,8 +228,8 @@ class Interactive:
     async def _start(self, job: Job) -> tuple[Mailbox, AnyEvent]:
         """Admit, send, and wait for the job's first event (it leaves the queue bound then)."""
         await self.jobs.admit(job.model, "embedding" if job.kind == "embedding" else "chat", job.job_id)
-        q = self._router.open(job.job_id)
         try:
+            q = self._router.open(job.job_id)  # refused while the reply channel is lost (api/jobs/replies.py)
             await self.jobs.send(job)
             return q, await self._first_event(q, job.job_id)
         except BaseException:

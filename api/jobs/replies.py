@@ -46,7 +46,12 @@ class ReplyRouter:
                 pass
 
     def open(self, job_id: str) -> Mailbox:
-        """Register a job before its task is sent, so no event can be missed."""
+        """Register a job before its task is sent, so no event can be missed.
+        Refused while the channel is lost (Redis failed over, the router not
+        yet subscribed to the new primary): the job's events would reach
+        nobody, and its request would wait for them until a timeout."""
+        if not self._subscribed.is_set():
+            raise RedisConnectionError(f"reply channel {self.channel} is not subscribed yet")
         q: Mailbox = asyncio.Queue()
         self._queues[job_id] = q
         return q
