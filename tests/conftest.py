@@ -29,6 +29,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.e2e)
 
 
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server of the test module's own, with nothing else attached."""
+    proc, port = start_redis(Path(tmp_path_factory.mktemp("redis")))
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.stop()
+
+
 @dataclass
 class Stack:
     redis_url: str

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,20 +19,10 @@ from broker import batches
 from broker.keys import Keys
 from broker.schemas import BatchLine, Job, LineResult
 from broker.settings import Settings
-from tests.procs import start_redis
 from worker import runtime as runtime_module
 from worker.engines.registry import EngineOptions
 from worker.publish import Publisher
 from worker.runtime import Runtime
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    proc, port = start_redis(Path(tmp_path_factory.mktemp("redis-requeue")))
-    try:
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.stop()
 
 
 def failing_once(real: Any, calls: list[str], name: str) -> Any:

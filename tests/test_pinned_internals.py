@@ -16,11 +16,8 @@ from __future__ import annotations
 import inspect
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 from celery import bootsteps
 from celery.contrib.testing.worker import start_worker
@@ -33,21 +30,11 @@ from kombu.transport import redis as kombu_redis
 from broker.celery_app import GENERATE_TASK, make_celery
 from broker.schemas import Job
 from broker.settings import Settings
-from tests.procs import start_redis
 from worker import tasks
 from worker.hubwake import HubWaker
 from worker.redelivery import Redelivery
 
 VISIBILITY_S = 1.0
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    proc, port = start_redis(Path(tmp_path_factory.mktemp("redis-internals")))
-    try:
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.stop()
 
 
 def settings_for(redis_url: str) -> Settings:

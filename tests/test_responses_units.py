@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, get_args
 
 import pytest
@@ -24,7 +22,6 @@ from api.responses.store import ResponseStore
 from broker.keys import Keys
 from broker.schemas import AnyEvent, Delta, Done, Error, Started, Timings, ToolCallDelta, Usage
 from broker.settings import Settings
-from tests.procs import start_redis
 
 # The SDK's event classes by their type (its union is discriminated by its own machinery, not pydantic's).
 EVENT_CLASSES = {get_args(cls.model_fields["type"].annotation)[0]: cls
@@ -298,15 +295,6 @@ def test_neutral_values_of_refused_fields_are_fine() -> None:
     job = body.job("j", [], "s", 0.0)
     assert (job.tool_choice, job.tool_name, job.parallel_tool_calls) == ("function", "f", False)
     assert body.echo()["tool_choice"] == {"type": "function", "name": "f"}
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    proc, port = start_redis(Path(tmp_path_factory.mktemp("redis-units")))
-    try:
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.stop()
 
 
 def test_a_mark_lands_only_on_the_entries_its_keeper_saw(redis_url: str) -> None:

@@ -7,15 +7,11 @@ hands the job to the runtime's one handler over every engine."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 import redis
 
 from broker.schemas import Job
 from broker.settings import Settings
-from tests.procs import start_redis
 from worker.engines.emitter import Emitter
 from worker.engines.protocol import Choice, Update, choices_of
 from worker.engines.registry import EngineOptions
@@ -43,15 +39,6 @@ class FakeEngine:
             self.emitter.end(c, "cancelled")
         self.cancelled.append(job_id)
         return bool(choices)
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    proc, port = start_redis(Path(tmp_path_factory.mktemp("redis-unheard")))
-    try:
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.stop()
 
 
 def job(job_id: str, channel: str) -> Job:
