@@ -45,7 +45,7 @@ def worker(
     model_path: Annotated[list[str], typer.Option(help="model directory, HF id or .gguf; repeatable")],
     model_name: Annotated[list[str] | None, typer.Option(help="served names for each --model-path")] = None,
     concurrency: Annotated[int, typer.Option(help="jobs batched at once (threads = batch cap)")] = 16,
-    engine: Annotated[str, typer.Option(help="transformers (default), vllm or llama.cpp")] = "transformers",
+    engine: Annotated[str, typer.Option(help="a registered engine: transformers (default), vllm, llama.cpp or a plug-in")] = "transformers",
 ) -> None:
     """Run a Celery worker for the given model(s); extra options go to the worker
     (--dtype, --device, --context-length, --chat-template, --hostname ...)."""
