@@ -50,8 +50,6 @@ def make_celery(settings: Settings, main: str = "llmq") -> Celery:
             "visibility_timeout": settings.heartbeat_ttl_s,
             "unacked_mutex_expire": settings.heartbeat_interval_s, **transport},
         broker_connection_retry_on_startup=True,
-        # Celery's consumer, reconnecting at the pauses of the transport options.
-        worker_consumer="broker.consumer:Consumer",
         # Flower shows each job as a task.
         worker_send_task_events=True,
         task_send_sent_event=True,

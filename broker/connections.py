@@ -26,7 +26,7 @@ from broker.settings import Settings
 SENTINEL_TIMEOUT_S = 1.0
 HEALTH_CHECK_S = 30
 # Pauses between kombu's rounds of attempts to reach a lost broker (the
-# worker's consumer: broker/consumer.py; the senders' default channel): 0.2 s,
+# worker's consumer: worker/consumer.py; the senders' default channel): 0.2 s,
 # then 0.2 s longer each round, at most 1 s. A Sentinel failover takes one to
 # three seconds, so a worker is back within a second of the promotion, where
 # kombu's own 2, 4, 6... s pauses made it 6 s or more.

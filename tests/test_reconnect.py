@@ -1,5 +1,5 @@
 """The worker's Celery consumer reconnects to a lost broker at llmq's pauses
-(broker/consumer.py), not kombu's 2, 4, 6... s: no Redis needed, a closed
+(worker/consumer.py), not kombu's 2, 4, 6... s: no Redis needed, a closed
 port refuses every attempt."""
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from kombu.utils.imports import symbol_by_name
 
 from broker.celery_app import make_celery
 from broker.connections import RECONNECT_PAUSES, celery_broker
-from broker.consumer import Consumer
 from broker.settings import Settings
 from tests.procs import free_port
+from worker.app import create_app
+from worker.consumer import Consumer
 
 
 def test_the_broker_options_carry_the_pauses_with_or_without_sentinel() -> None:
@@ -30,8 +31,8 @@ def test_the_worker_reconnects_at_the_transport_options_pauses() -> None:
     """Celery's ``Consumer.ensure_connected`` (run on every reconnect) with
     three retries: 0.2 + 0.4 + 0.6 s of pauses here, 2 + 4 + 6 s with
     kombu's. This fails if Celery stops calling ``conn.ensure_connection``
-    or starts passing pauses of its own (broker/consumer.py relies on both)."""
-    app = make_celery(Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    or starts passing pauses of its own (worker/consumer.py relies on both)."""
+    app = create_app(Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"))
     app.conf.broker_connection_max_retries = 3
     assert symbol_by_name(app.conf.worker_consumer) is Consumer
     consumer = Consumer.__new__(Consumer)  # only what ensure_connected reads

@@ -6,7 +6,7 @@ back within 2 s of the Sentinels' promotion of the replica.
 
 What those seconds cost before (README setup, 4 clients): the worker's
 Celery consumer reconnected at kombu's pauses, 2, 4, 6... s after the
-primary died, so 6 s after the kill and sometimes 30 (broker/consumer.py);
+primary died, so 6 s after the kill and sometimes 30 (worker/consumer.py);
 and a job sent after the promotion but before the API had subscribed its
 reply channel again lost its events (api/replies.py ``open``)."""
 

@@ -18,6 +18,8 @@ from worker import bootstep, tasks
 
 def create_app(settings: Settings) -> Celery:
     app = make_celery(settings, main="llmq-worker")
+    # Celery's consumer, reconnecting at the pauses of the transport options (worker/consumer.py).
+    app.conf.worker_consumer = "worker.consumer:Consumer"
     tasks.register(app)
     bootstep.install(app, settings)
     return app
