@@ -6,7 +6,8 @@ with the command line ``llmq worker`` would run."""
 
 from __future__ import annotations
 
-from cli.main import worker_argv
+from broker.settings import Settings
+from cli.argv import worker_argv
 from tests.procs import DEMO_MODEL_DIR, Proc, spawn
 
 HOLD_ENV = "LLMQ_TEST_HOLD_AT"  # read by tests/held_app.py only
@@ -20,6 +21,7 @@ def hold_key(point: str) -> str:
 
 def start_held_worker(env: dict[str, str], name: str, point: str, model_names: str, concurrency: int) -> Proc:
     assert point in POINTS, point
-    argv = worker_argv([str(DEMO_MODEL_DIR)], [model_names], concurrency, ["--hostname", f"{name}@%h"])
+    argv = worker_argv([str(DEMO_MODEL_DIR)], [model_names], concurrency, ["--hostname", f"{name}@%h"],
+                       settings=Settings())
     argv[argv.index("worker.app")] = "tests.held_app"
     return spawn(name, argv, {**env, HOLD_ENV: point})
