@@ -71,7 +71,12 @@ class BatchGate:
             return self.threads - self.reserve - max(self._peak, self._interactive) - self._batch
 
     def apply(self, consumer: Any = None) -> None:
-        """Consumer thread only: take from the batch queues iff there is room."""
+        """Consumer thread only: take from the batch queues iff there is room.
+
+        ``consumer.task_consumer`` is one of the consumer attributes Celery's
+        bootsteps guide documents (the kombu Consumer of task messages), and
+        ``consuming_from``/``add_queue``/``consume``/``cancel_by_queue`` are
+        kombu's public Consumer API: no private use here."""
         if consumer is not None:
             self._consumer = consumer
         tasks = getattr(self._consumer, "task_consumer", None)
