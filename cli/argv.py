@@ -26,7 +26,8 @@ def worker_argv(model_paths: list[str], model_names: list[str], concurrency: int
     from worker.loading import ModelSpec  # no torch import: loading imports it lazily
 
     served = []
-    for i, path in enumerate(model_paths):
+    for i in range(max(len(model_paths), len(model_names))):  # names past the paths: models with no files
+        path = model_paths[i] if i < len(model_paths) else ""
         names = tuple(n for n in model_names[i].split(",") if n) if i < len(model_names) else ()
         served.extend(ModelSpec(path=path, names=names).served_names())
     argv = [
@@ -37,8 +38,7 @@ def worker_argv(model_paths: list[str], model_names: list[str], concurrency: int
         "--task-events", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
         "--max-batch-size", str(concurrency), "--engine", engine,
     ]
-    for i, path in enumerate(model_paths):
-        argv += ["--model-path", path]
-        if i < len(model_names):
-            argv += ["--model-name", model_names[i]]
+    for i in range(max(len(model_paths), len(model_names))):
+        argv += ["--model-path", model_paths[i]] if i < len(model_paths) else []
+        argv += ["--model-name", model_names[i]] if i < len(model_names) else []
     return argv + extra

@@ -42,8 +42,9 @@ def api(
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def worker(
     ctx: typer.Context,
-    model_path: Annotated[list[str], typer.Option(help="model directory, HF id or .gguf; repeatable")],
-    model_name: Annotated[list[str] | None, typer.Option(help="served names for each --model-path")] = None,
+    model_path: Annotated[list[str] | None, typer.Option(help="model directory, HF id or .gguf; repeatable")] = None,
+    model_name: Annotated[list[str] | None, typer.Option(help="served names for each --model-path (the synthetic "
+                                                         "engine: a model of its own without one)")] = None,
     concurrency: Annotated[int, typer.Option(help="jobs batched at once (threads = batch cap)")] = 16,
     engine: Annotated[str, typer.Option(help="a registered engine: transformers (default), vllm, llama.cpp or a plug-in")] = "transformers",
 ) -> None:
@@ -52,9 +53,14 @@ def worker(
     from broker.settings import Settings
     from worker.engines.registry import kinds  # declarations only: no engine library loads
 
-    if engine not in kinds():
-        raise typer.BadParameter(f"{engine!r}; pick one of {', '.join(kinds())}", param_hint="--engine")
-    argv = worker_argv(model_path, model_name or [], concurrency, list(ctx.args), engine, settings=Settings())
+    known = kinds()
+    if engine not in known:
+        raise typer.BadParameter(f"{engine!r}; pick one of {', '.join(known)}", param_hint="--engine")
+    if not model_path and (known[engine].weights or not model_name):
+        raise typer.BadParameter("a worker serves at least one model"
+                                 + ("" if known[engine].weights else " (--model-name alone will do)"),
+                                 param_hint="--model-path")
+    argv = worker_argv(model_path or [], model_name or [], concurrency, list(ctx.args), engine, settings=Settings())
     typer.echo(" ".join(argv[1:]), err=True)
     os.execv(argv[0], argv)
 

@@ -20,7 +20,7 @@ def test_listing_the_engines_and_their_options_imports_no_engine_library() -> No
             "print(sorted(kinds())); "
             "print([m for m in ('torch', 'vllm', 'xgrammar', 'transformers') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.splitlines() == ["['llama.cpp', 'transformers', 'vllm']", "[]"], out.stderr
+    assert out.stdout.splitlines() == ["['llama.cpp', 'synthetic', 'transformers', 'vllm']", "[]"], out.stderr
 
 
 def test_each_engine_reads_its_own_options() -> None:

@@ -63,13 +63,18 @@ OPTIONS = [
 ]
 
 
-def specs_from_options(opts: dict[str, Any]) -> list[ModelSpec]:
+def specs_from_options(opts: dict[str, Any], weights: bool = True) -> list[ModelSpec]:
+    """One spec per model: the i-th --model-name names the i-th --model-path.
+    An engine without ``weights`` also takes names past the paths: models
+    with no files at all."""
     paths: tuple[str, ...] = opts.get("model_path") or ()
     names: tuple[str, ...] = opts.get("model_name") or ()
-    if not paths:
-        raise ModelLoadError("no --model-path given: a worker must serve at least one model")
-    if len(names) > len(paths):
+    if not paths and (weights or not names):
+        raise ModelLoadError("no --model-path given: a worker must serve at least one model"
+                             + ("" if weights else " (this engine also takes --model-name alone)"))
+    if len(names) > len(paths) and weights:
         raise ModelLoadError(f"{len(names)} --model-name options for {len(paths)} --model-path options")
+    paths = paths + ("",) * (len(names) - len(paths))
     specs = []
     for i, path in enumerate(paths):
         served = tuple(n.strip() for n in names[i].split(",") if n.strip()) if i < len(names) else ()
@@ -99,7 +104,7 @@ class LLMQStep(bootsteps.StartStopStep):
             options = kind.before_load(options)
         publisher = Publisher(sync_redis(settings), settings.responses_stream_max_events, settings.responses_ttl_s)
         try:
-            specs = specs_from_options(opts)
+            specs = specs_from_options(opts, kind.weights)
             embed = [s for s in specs if is_embedding_model(s.path)]
             build = kind.engine_class()
             engines = [build(s, options, publisher) for s in specs if not is_embedding_model(s.path)]

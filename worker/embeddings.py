@@ -26,7 +26,7 @@ class InputTooLong(Exception):
 
 
 def is_embedding_model(path: str) -> bool:
-    return (Path(path) / "modules.json").is_file()
+    return bool(path) and (Path(path) / "modules.json").is_file()  # "": a model with no files
 
 
 @dataclass(kw_only=True)

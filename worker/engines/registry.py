@@ -95,6 +95,9 @@ class EngineKind:
     # The Python that `llmq worker` runs a worker of this engine with (vLLM:
     # its own virtualenv); None: the one running `llmq`.
     python: Callable[[Settings], str] | None = None
+    # False: the engine needs no model files (the synthetic engine), so a
+    # model may be only a --model-name; its --model-path, if any, is optional.
+    weights: bool = True
 
     def engine_class(self) -> EngineClass:
         module, _, attr = self.engine.partition(":")
