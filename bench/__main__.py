@@ -1,4 +1,4 @@
-"""``python -m bench {http,baseline,compare,constrained,profile,turns,soak,priority}``: see ``--help`` of each."""
+"""``python -m bench {http,baseline,compare,constrained,profile,turns,soak,priority,capacity}``: see ``--help`` of each."""
 
 from __future__ import annotations
 
@@ -98,7 +98,39 @@ def parser() -> argparse.ArgumentParser:
     pi.add_argument("--batch-max-tokens", type=int, default=32, help="max_tokens of each batch line")
     pi.add_argument("--alone-s", type=float, default=20.0, help="seconds the batch's lines/s is taken alone")
     pi.add_argument("--keep-batch", action="store_true", help="let the batch finish instead of cancelling it")
+    ca = sub.add_parser("capacity", help="llmq's own per-token cost: synthetic workers, CPU per token by process, "
+                                         "beside a bare FastAPI + sse-starlette floor")
+    ca.add_argument("--api-procs", type=int, default=1, help="API processes it starts (clients spread over them)")
+    ca.add_argument("--workers", type=int, default=1, help="synthetic workers it starts")
+    ca.add_argument("--streams", type=int, default=64, help="concurrent closed-loop streams")
+    ca.add_argument("--seconds", type=float, default=20.0, help="measured time")
+    ca.add_argument("--max-tokens", type=int, default=64, help="tokens each answer streams")
+    ca.add_argument("--step-ms", type=float, default=20.0, help="the synthetic engine's step time")
+    ca.add_argument("--batch", type=int, default=None, help="rows per worker (default: streams / workers)")
+    ca.add_argument("--url", default=None, help="measure this running stack instead (client figures only; "
+                                                "it must serve a model named 'synthetic')")
+    ca.add_argument("--no-floor", action="store_true", help="skip the bare FastAPI + sse-starlette floor")
+    ca.add_argument("--floor-step-ms", type=float, default=None,
+                    help="the floor's pace (default: --step-ms; 0: each answer's chunks at once)")
+    ca.add_argument("--logs", type=Path, default=None, help="where the processes' logs go (default: a temp dir)")
+    ca.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures here")
     return ap
+
+
+def _capacity(a: argparse.Namespace) -> int:
+    from bench.capacity import CapacityConfig, report, run
+
+    cfg = CapacityConfig(api_procs=a.api_procs, workers=a.workers, streams=a.streams, seconds=a.seconds,
+                         max_tokens=a.max_tokens, step_ms=a.step_ms, batch=a.batch, url=a.url,
+                         floor=not a.no_floor, floor_step_ms=a.floor_step_ms, logs=a.logs)
+    load_start = os.getloadavg()
+    sides = run(cfg)
+    result = report(cfg, sides)
+    result.update(loadavg_start=load_start, loadavg_end=os.getloadavg(), cpu_count=os.cpu_count())
+    print(f"load average (1 min) at start {load_start[0]:.2f}, at end {result['loadavg_end'][0]:.2f}; "
+          f"{os.cpu_count()} CPUs")
+    _write_json(a.json, result)
+    return 1 if any(s.load["errors"] for s in sides) else 0
 
 
 def _priority(a: argparse.Namespace) -> int:
@@ -185,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         return _soak(a)
     if a.cmd == "priority":
         return _priority(a)
+    if a.cmd == "capacity":
+        return _capacity(a)
     # On a shared host other load skews every figure; record it so a reader can tell.
     load_start = os.getloadavg()
     runs: list[Figures] = []

@@ -22,7 +22,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,8 @@ from typing import Any
 
 import httpx
 import redis
+
+from bench.procs import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
@@ -74,12 +75,6 @@ class Soak:
                 self.lost.append(detail)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _rss_mb(pid: int) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -93,7 +88,7 @@ def _rss_mb(pid: int) -> float:
 class Stack:
     def __init__(self, cfg: SoakConfig, logs: Path) -> None:
         self.logs = logs
-        self.redis_port, self.api_port = _free_port(), _free_port()
+        self.redis_port, self.api_port = free_port(), free_port()
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "LLMQ_REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
                     "LLMQ_CANCEL_TTL_S": str(cfg.key_ttl_s), "LLMQ_JOB_KEY_LINGER_S": str(cfg.key_ttl_s // 2),
                     "LLMQ_FIRST_EVENT_TIMEOUT_S": str(max(cfg.key_ttl_s - 5, 10))}
@@ -120,16 +115,11 @@ class Stack:
                           MODEL, "--concurrency", "8", "--hostname", f"soak-{name}@%h"], {"OMP_NUM_THREADS": share})
 
     def wait_workers(self, n: int, timeout_s: float = 300) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                data = httpx.get(f"{self.base}/v1/models", timeout=2).json()["data"]
-                if any(m["id"] == MODEL and m["workers"] >= n for m in data):
-                    return
-            except (httpx.HTTPError, ValueError, KeyError):
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"{n} workers not serving {MODEL} after {timeout_s:.0f} s (logs in {self.logs})")
+        def serving() -> bool:
+            data = httpx.get(f"{self.base}/v1/models", timeout=2).json()["data"]
+            return any(m["id"] == MODEL and m["workers"] >= n for m in data)
+
+        wait_until(serving, timeout_s, f"{n} workers serving {MODEL}", self.logs)
 
     @property
     def base(self) -> str:
