@@ -22,6 +22,7 @@ pytestmark = pytest.mark.e2e
 
 NAMED = "synth-words"  # no files: its own word list
 TOKENIZED = "synth-tok"  # the demo model's tokenizer
+INTERVAL = "synth-interval"  # --stream-interval 4
 STEP_MS = 10
 OUTPUT_TOKENS = 24
 
@@ -31,6 +32,7 @@ class Synth:
     base: str
     words: Proc
     tokenized: Proc
+    interval: Proc
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.base}/v1", api_key="unused", max_retries=0, timeout=60)
@@ -51,12 +53,14 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Synth]:
     words = synthetic_worker("worker-synth-words", env, "--model-name", NAMED)
     tokenized = synthetic_worker("worker-synth-tok", env, "--model-path", str(DEMO_MODEL_DIR),
                                  "--model-name", TOKENIZED)
+    interval = synthetic_worker("worker-synth-interval", env, "--model-name", INTERVAL, "--stream-interval", "4")
     try:
         wait_model(base, NAMED, words)
         wait_model(base, TOKENIZED, tokenized)
-        yield Synth(base=base, words=words, tokenized=tokenized)
+        wait_model(base, INTERVAL, interval)
+        yield Synth(base=base, words=words, tokenized=tokenized, interval=interval)
     finally:
-        for proc in (words, tokenized, api, redis):
+        for proc in (words, tokenized, interval, api, redis):
             proc.stop()
 
 
@@ -105,7 +109,7 @@ def test_banning_the_end_token_runs_to_max_tokens(synth: Synth) -> None:
         finish = next((c.finish_reason for c in chunk.choices if c.finish_reason), finish)
         usage = chunk.usage or usage
     assert finish == "length" and usage is not None and usage.completion_tokens == OUTPUT_TOKENS * 3
-    assert chunks > OUTPUT_TOKENS  # streamed token by token, not in one piece
+    assert chunks > 8  # streamed as it comes, not in one piece (a client that falls behind gets merged chunks)
 
 
 def test_json_schema_choice_and_a_required_tool_call(synth: Synth) -> None:
@@ -156,3 +160,16 @@ def test_text_completions_echo_the_prompt(synth: Synth) -> None:
     out = synth.client().completions.create(model=NAMED, prompt="Hello wörld,", max_tokens=3, echo=True,
                                             temperature=0)
     assert out.choices[0].text == "Hello wörld,This answer comes"
+
+
+def test_a_stream_interval_sends_the_first_token_then_every_fourth(synth: Synth) -> None:
+    stream = synth.client().chat.completions.create(model=INTERVAL, messages=ask(), max_tokens=21, temperature=0,
+                                                    stream=True, stream_options={"include_usage": True})
+    pieces, usage = [], None
+    for chunk in stream:
+        pieces += [c.delta.content for c in chunk.choices if c.delta.content]
+        usage = chunk.usage or usage
+    assert usage is not None and usage.completion_tokens == 21
+    assert pieces[0] == "This"  # the first token at once
+    assert "".join(pieces).split() == PASSAGE.split()[:21]
+    assert 2 <= len(pieces) <= 6  # tokens 1, 5, 9, 13, 17, 21: six Deltas (fewer if the API merged some)

@@ -52,6 +52,8 @@ OPTIONS = [
     click.Option(["--prefix-caching/--no-prefix-caching"], default=True,
                  help="reuse the KV cache of prompt prefixes seen before (chat turns, shared system prompts)"),
     click.Option(["--trust-remote-code"], is_flag=True, default=False),
+    click.Option(["--stream-interval"], type=click.IntRange(min=1), default=1,
+                 help="tokens per published update after a choice's first, as FastChat's model worker takes it"),
     click.Option(["--tool-call-parser"], type=click.Choice(TOOL_FORMATS), default=None,
                  help="how the model writes tool calls; default: read from its chat template, else generic"),
     click.Option(["--load-8bit"], is_flag=True, default=False, help="8-bit weights (bitsandbytes)"),

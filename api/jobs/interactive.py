@@ -49,6 +49,7 @@ class RunningJob:
     public_id: str = ""
     api_key: NamedKey | None = None  # counted against its limits when the job ends
     _ticker: Ticker | None = None  # while events() runs
+    _held: AnyEvent | None = None  # taken from the mailbox while coalescing, not yet yielded
 
     def __post_init__(self) -> None:
         self._open_choices = set(range(self.job.n))
@@ -97,9 +98,14 @@ class RunningJob:
         ticker = self._ticker = Ticker(self._queue, poll / 2)
         try:
             while not self.finished:
-                ev = await self._queue.get()
+                if self._held is not None:
+                    ev, self._held = self._held, None
+                else:
+                    ev = await self._queue.get()
                 if ev is not None and ev.job_id != self.job.job_id:
                     continue  # a late event of an attempt given up on
+                if isinstance(ev, Delta) and not self._queue.empty():
+                    ev = self._coalesce(ev)
                 if ev is None:
                     now = time.monotonic()
                     if now - looked_at < poll:
@@ -125,6 +131,26 @@ class RunningJob:
                     yield ev
         finally:
             ticker.cancel()
+
+    def _coalesce(self, first: Delta) -> Delta:
+        """``first`` and the Deltas of the same choice already waiting behind
+        it, as one: a client that reads slower than tokens arrive gets the
+        text it is behind on in one chunk, not a backlog of tiny ones.
+        Tool-call pieces are never merged (each names its call)."""
+        parts = [first]
+        while not self._queue.empty():
+            ev = self._queue.get_nowait()
+            if (isinstance(ev, Delta) and ev.job_id == first.job_id and ev.index == first.index
+                    and not ev.tool_calls and not first.tool_calls):
+                parts.append(ev)
+                continue
+            self._held = ev  # None (a tick) is dropped: the next one comes half a poll later
+            break
+        if len(parts) == 1:
+            return first
+        logprobs = None if first.logprobs is None else [lp for p in parts for lp in p.logprobs or []]
+        return first.model_copy(update={"text": "".join(p.text for p in parts), "logprobs": logprobs,
+                                        "completion_tokens": parts[-1].completion_tokens, "seq": parts[-1].seq})
 
     async def _judge(self, silent_s: float, client_saw_tokens: bool) -> Error | Restarted | None:
         live = await self._jobs.jobs.live_workers()

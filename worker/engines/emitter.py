@@ -15,8 +15,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
-from broker.schemas import Delta, Done, Error, FinishReason, Timings, ToolCallDelta, Usage
+from broker.schemas import Delta, Done, Error, FinishReason, Timings, TokenLogprob, ToolCallDelta, Usage
 from worker.engines.protocol import Choice, Update
 from worker.publish import Publisher
 from worker.toolcalls import ToolFormat
@@ -41,15 +42,44 @@ class Sequencer:
         self._next.pop(job_id, None)
 
 
+@dataclass
+class Held:
+    """What a choice generated since its last Delta went out (``--stream-interval``)."""
+
+    sent_tokens: int = 0
+    text: str = ""
+    calls: list[ToolCallDelta] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+
+    def add(self, text: str, calls: list[ToolCallDelta], logprobs: list[TokenLogprob] | None) -> None:
+        self.text += text
+        self.calls += calls
+        if logprobs is not None:
+            self.logprobs = (self.logprobs or []) + logprobs
+
+    def take(self, tokens: int) -> tuple[str, list[ToolCallDelta], list[TokenLogprob] | None]:
+        out = self.text, self.calls, self.logprobs
+        self.sent_tokens, self.text, self.calls, self.logprobs = tokens, "", [], None
+        return out
+
+
 class Emitter:
     """The live choices of one engine and the events they produce.
 
     Choices of jobs that may call tools get a parser of ``tools``: their
-    text becomes content and tool-call pieces here, whatever the engine."""
+    text becomes content and tool-call pieces here, whatever the engine.
 
-    def __init__(self, publisher: Publisher, tools: ToolFormat) -> None:
+    ``stream_interval`` (the worker's ``--stream-interval``, as FastChat's
+    model worker has it): a choice's first tokens go out at once, then a
+    Delta every ``stream_interval`` tokens and at its end, so a stream of
+    many tokens a second costs Redis, the API and the client fewer
+    messages."""
+
+    def __init__(self, publisher: Publisher, tools: ToolFormat, stream_interval: int = 1) -> None:
         self._publisher = publisher
         self._tools = tools
+        self.stream_interval = max(1, stream_interval)
+        self._held: dict[str, Held] = {}  # request id -> what waits for the interval
         self._lock = threading.Lock()
         self._live: dict[str, Choice] = {}  # request id -> choice
         self._seq = Sequencer()
@@ -96,6 +126,7 @@ class Emitter:
         """The choice is over: no event of it follows; its waiter wakes."""
         with self._lock:
             self._live.pop(choice.request_id, None)
+            self._held.pop(choice.request_id, None)
             if not any(c.job.job_id == choice.job.job_id for c in self._live.values()):
                 self._seq.forget(choice.job.job_id)
         if choice.finish_reason is None:
@@ -128,9 +159,17 @@ class Emitter:
                 if c.first_token_at is None:
                     c.first_token_at = now
             text, calls, finish = self._split_calls(c, u) if c.tool_parser else (u.text, [], u.finish)
-            if text or u.logprobs or calls:
+            logprobs = u.logprobs
+            if self.stream_interval > 1:
+                with self._lock:  # end() may drop it from another thread: never kept for an ended choice
+                    held = self._held.setdefault(c.request_id, Held()) if c.request_id in self._live else Held()
+                held.add(text, calls, logprobs)
+                if finish is None and held.sent_tokens and c.tokens - held.sent_tokens < self.stream_interval:
+                    continue
+                text, calls, logprobs = held.take(c.tokens)
+            if text or logprobs or calls:
                 batch.append((c, Delta(job_id=c.job.job_id, seq=self.next_seq(c.job.job_id), index=c.index,
-                                       text=text, completion_tokens=c.tokens, logprobs=u.logprobs,
+                                       text=text, completion_tokens=c.tokens, logprobs=logprobs,
                                        tool_calls=calls or None)))
             if finish is not None:
                 c.finish_reason = finish

@@ -161,7 +161,7 @@ class LlamaCppEngine(LoopEngine):
         self.device = "cuda" if options.n_gpu_layers else "cpu"
         self._streaming: set[str] = set()  # request ids past their prompt: a token from each every step
         super().__init__(spec.served_names(), format_for(self.tokenizer, options.tool_call_parser), publisher,
-                         sources=lambda: len(self._streaming))
+                         sources=lambda: len(self._streaming), stream_interval=options.stream_interval)
         log.info("llama.cpp engine for %s: pid %d, %d slots of %d tokens", ",".join(self.names), self.proc.pid,
                  options.max_batch_size, self.context_length)
 

@@ -68,10 +68,10 @@ class LoopEngine:
     PER_CHOICE = False
 
     def __init__(self, names: tuple[str, ...], tool_format: ToolFormat, publisher: Publisher,
-                 sources: Callable[[], int] | None = None) -> None:
+                 sources: Callable[[], int] | None = None, stream_interval: int = 1) -> None:
         self.names = names
         self.tool_format = tool_format
-        self.emitter = Emitter(publisher, tool_format)
+        self.emitter = Emitter(publisher, tool_format, stream_interval)
         self._stopping = threading.Event()
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name=f"llmq-{self.kind}-{names[0]}",

@@ -66,6 +66,7 @@ class EngineOptions:
     kv_cache_tokens: int | None = None
     prefix_caching: bool = True  # the transformers and vLLM engines; llama-server always caches prompts
     tool_call_parser: str | None = None  # one of TOOL_FORMATS; None: from the chat template
+    stream_interval: int = 1  # tokens per published Delta after a choice's first (worker/engines/emitter.py)
 
     @classmethod
     def read(cls, opts: Mapping[str, Any]) -> Self:
@@ -76,7 +77,7 @@ class EngineOptions:
     def common(opts: Mapping[str, Any]) -> dict[str, Any]:
         return {"engine": opts.get("engine") or DEFAULT, "max_batch_size": opts.get("max_batch_size") or 16,
                 "kv_cache_tokens": opts.get("kv_cache_tokens"), "prefix_caching": opts.get("prefix_caching", True),
-                "tool_call_parser": opts.get("tool_call_parser")}
+                "tool_call_parser": opts.get("tool_call_parser"), "stream_interval": opts.get("stream_interval") or 1}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -168,7 +168,8 @@ class VllmEngine(LoopEngine):
         os.environ[vllm_plugin.ENV] = str(os.getpid())
         os.register_at_fork(after_in_child=vllm_plugin.die_with_parent)
         self.tokenizer = load_tokenizer(spec)
-        super().__init__(spec.served_names(), format_for(self.tokenizer, options.tool_call_parser), publisher)
+        super().__init__(spec.served_names(), format_for(self.tokenizer, options.tool_call_parser), publisher,
+                         stream_interval=options.stream_interval)
         args = AsyncEngineArgs(**engine_args(spec, options))
 
         async def make() -> Any:

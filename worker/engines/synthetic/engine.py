@@ -87,7 +87,8 @@ class SyntheticEngine(LoopEngine):
         self._waiting: deque[Row] = deque()
         self._running: list[Row] = []
         self._wake = asyncio.Event()
-        super().__init__(spec.served_names(), format_for(self.tokenizer, options.tool_call_parser), publisher)
+        super().__init__(spec.served_names(), format_for(self.tokenizer, options.tool_call_parser), publisher,
+                         stream_interval=options.stream_interval)
         self._stepper = asyncio.run_coroutine_threadsafe(self._steps(), self._loop)
         log.info("synthetic engine for %s: %.1f ms a step, %.1f µs prefill a prompt token, up to %d rows, "
                  "%d-token answers, %s", ",".join(self.names), options.step_s * 1000,

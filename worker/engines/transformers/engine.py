@@ -92,7 +92,7 @@ class Engine:
         kv_cache_tokens = options.kv_cache_tokens or max_batch * min(lm.context_length, 2048)
         self.cache = _cache_for(lm, kv_cache_tokens, options.prefix_caching)
         self.tool_format = format_for(lm.tokenizer, options.tool_call_parser)
-        self.emitter = Emitter(publisher, self.tool_format)
+        self.emitter = Emitter(publisher, self.tool_format, options.stream_interval)
         self._lock = threading.Lock()
         self._inbox: list[Run] = []
         self._wake = threading.Event()
