@@ -19,7 +19,7 @@ from api.batches import files
 from api.batches import routes as batches
 from api.batches.keeper import BatchKeeper
 from api.batches.store import BatchStore
-from api.completions.routes import router
+from api.completions.routes import fastchat_router, router
 from api.jobs.interactive import Interactive
 from api.jobs.lifecycle import JOB_ID_HEADER, Jobs
 from api.jobs.replies import ReplyRouter
@@ -102,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app.add_middleware(RateLimitHeaders)
     app.include_router(router)
+    app.include_router(fastchat_router)
     app.include_router(files.router)
     app.include_router(batches.router)
     app.include_router(responses.router)

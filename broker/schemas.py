@@ -109,7 +109,7 @@ class Job(Strict):
     v: int = SCHEMA_VERSION
     job_id: str
     model: str
-    kind: Literal["chat", "completion", "embedding"]
+    kind: Literal["chat", "completion", "embedding", "count"]  # count: the prompt's tokens, no generation
     messages: list[Message] | None = None
     prompt: str | list[int] | None = None
     inputs: list[str] | list[list[int]] | None = Field(default=None, description="embedding jobs")
@@ -235,7 +235,16 @@ class Embeddings(_Event):
     prompt_tokens: int
 
 
-AnyEvent = Started | Delta | Done | Error | Embeddings
+class TokenCount(_Event):
+    """The whole answer of a count job: the prompt's tokens with the model's
+    own tokenizer (and chat template, for messages)."""
+
+    type: Literal["token_count"] = "token_count"
+    prompt_tokens: int
+    context_length: int
+
+
+AnyEvent = Started | Delta | Done | Error | Embeddings | TokenCount
 Event = Annotated[AnyEvent, Field(discriminator="type")]
 EVENT_ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(Event)
 EVENTS_ADAPTER: TypeAdapter[list[AnyEvent]] = TypeAdapter(list[Event])

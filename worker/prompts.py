@@ -20,8 +20,7 @@ class PromptError(Exception):
 
 
 def prompt_ids(tokenizer: Any, job: Job, vocab_size: int, tools: ToolFormat = FORMATS["generic"]) -> list[int]:
-    if job.kind == "chat":
-        assert job.messages is not None
+    if job.messages is not None:  # chat jobs, and count jobs of a conversation
         extra: dict[str, Any] = {}
         if job.tools and not tools.native:
             messages = render_generic(job.messages, job.tools)

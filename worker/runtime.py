@@ -20,7 +20,7 @@ from broker.connections import sync_redis
 from broker import batches
 from broker.control import Claim, claim, is_cancelled, linger, release, started_mark
 from broker.keys import Keys, batch_queue_name, queue_name
-from broker.schemas import Delta, Embeddings, Error, Heartbeat, Job, LineResult, ModelInfo, Started
+from broker.schemas import Delta, Embeddings, Error, Heartbeat, Job, LineResult, ModelInfo, Started, TokenCount
 from broker.settings import Settings
 from worker.embeddings import EmbeddingModel, InputTooLong
 from worker.batchgate import BatchGate
@@ -230,6 +230,8 @@ class Runtime:
         engine = self.engines.get(job.model)
         if engine is None:
             return self._fail(job, 404, "model_not_found", "model", f"This worker does not serve '{job.model}'.")
+        if job.kind == "count":
+            return self._count(job, engine)
         try:
             engine.check(job)
             ids = prompt_ids(engine.tokenizer, job, engine.vocab_size, engine.tool_format)
@@ -288,6 +290,17 @@ class Runtime:
         log.info("job %s: %s, %d prompt + %d completion tokens in %d choice(s), queue %.3fs, total %.3fs", jid,
                  reasons, len(ids), completion, job.n, queue_s, time.monotonic() - choices[0].submitted)
         return {"job_id": jid, "status": reasons, "prompt_tokens": len(ids), "completion_tokens": completion}
+
+    def _count(self, job: Job, engine: Engine) -> dict[str, object]:
+        """FastChat's token check: how many tokens the prompt is, as a chat
+        or completion job of this model would see it."""
+        try:
+            ids = prompt_ids(engine.tokenizer, job, engine.vocab_size, engine.tool_format)
+        except PromptError as exc:
+            return self._fail(job, 400, "invalid_prompt", exc.param, str(exc))
+        self.publisher.publish([(job.reply_channel, TokenCount(job_id=job.job_id, seq=0, prompt_tokens=len(ids),
+                                                               context_length=engine.context_length))])
+        return {"job_id": job.job_id, "status": "counted", "prompt_tokens": len(ids)}
 
     def _embed(self, job: Job) -> dict[str, object]:
         embedder = self.embedders.get(job.model)

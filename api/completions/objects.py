@@ -129,3 +129,15 @@ class EmbeddingList(BaseModel):
     data: list[EmbeddingData]
     model: str
     usage: EmbeddingUsage
+
+
+class TokenCheckResult(BaseModel):
+    """FastChat's names, camelCase as its clients read them."""
+
+    fits: bool
+    tokenCount: int
+    contextLength: int
+
+
+class TokenCheckResponse(BaseModel):
+    prompts: list[TokenCheckResult]

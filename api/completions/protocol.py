@@ -289,3 +289,15 @@ class EmbeddingRequest(Request):
 MAX_EMBEDDING_INPUTS = 2048
 
 
+
+
+class TokenCheckItem(Request):
+    """One prompt of FastChat's ``/api/v1/token_check``."""
+
+    model: str
+    prompt: str
+    max_tokens: int = Field(ge=0, description="the answer's tokens the context must also hold")
+
+
+class TokenCheckRequest(Request):
+    prompts: list[TokenCheckItem] = Field(min_length=1, max_length=64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from array import array
@@ -22,8 +23,16 @@ from api.completions.objects import (
     EmbeddingUsage,
     ModelCard,
     ModelList,
+    TokenCheckResponse,
+    TokenCheckResult,
 )
-from api.completions.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from api.completions.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    TokenCheckItem,
+    TokenCheckRequest,
+)
 from api.deps import InteractiveDep, RegistryDep
 from api.errors import ERROR_RESPONSES, validation_error
 from api.jobs.hangup import CancelOnHangUp
@@ -34,6 +43,8 @@ from api.sse import TokenStream
 from broker.schemas import Job
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+# FastChat's own API beside OpenAI's (its clients call /api/v1/token_check).
+fastchat_router = APIRouter(prefix="/api/v1", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 
 
 def _key(request: Request) -> NamedKey | None:
@@ -117,3 +128,18 @@ async def engine_embeddings(model: str, body: dict[str, Any], jobs: InteractiveD
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from exc
     return await embeddings(parsed, jobs, request)
+
+
+@fastchat_router.post("/token_check")
+async def token_check(body: TokenCheckRequest, jobs: InteractiveDep) -> TokenCheckResponse:
+    """FastChat's check: does each prompt, with ``max_tokens`` more, fit its
+    model's context? Counted by a worker of the model, with its tokenizer."""
+
+    async def check(item: TokenCheckItem) -> TokenCheckResult:
+        job = Job(job_id=new_job_id("count"), model=item.model, kind="count", prompt=item.prompt, reply_channel="",
+                  submitted_at=time.time())
+        counted = await jobs.count(job)
+        return TokenCheckResult(fits=counted.prompt_tokens + item.max_tokens <= counted.context_length,
+                                tokenCount=counted.prompt_tokens, contextLength=counted.context_length)
+
+    return TokenCheckResponse(prompts=list(await asyncio.gather(*(check(item) for item in body.prompts))))

@@ -17,7 +17,7 @@ from api.jobs.lifecycle import Jobs, not_started, watch
 from api.jobs.replies import AnyEvent, Mailbox, ReplyRouter, Ticker, next_event
 from api.keys import NamedKey
 from api.metrics import JobFigures, Metrics
-from broker.schemas import Delta, Done, Embeddings, Error, Job, Started
+from broker.schemas import Delta, Done, Embeddings, Error, Job, Started, TokenCount
 
 log = logging.getLogger("llmq.api.jobs")
 
@@ -240,16 +240,28 @@ class Interactive:
         raise self._unexpected(first)
 
     async def embed(self, job: Job, *, api_key: NamedKey | None = None) -> Embeddings:
-        job = job.model_copy(update={"reply_channel": self._router.channel})
-        try:
-            _, ev = await self._start(job)
-        finally:
-            self._router.close(job.job_id)
+        ev = await self._answer(job)
         if isinstance(ev, Embeddings):
             if api_key is not None:
                 await self.jobs.count_tokens(api_key, ev.prompt_tokens)
             return ev
         raise self._unexpected(ev)
+
+    async def count(self, job: Job) -> TokenCount:
+        """A count job's answer: the prompt's tokens and the model's context."""
+        ev = await self._answer(job)
+        if isinstance(ev, TokenCount):
+            return ev
+        raise self._unexpected(ev)
+
+    async def _answer(self, job: Job) -> AnyEvent:
+        """The one event that is the whole answer of an embedding or count job."""
+        job = job.model_copy(update={"reply_channel": self._router.channel})
+        try:
+            _, ev = await self._start(job)
+        finally:
+            self._router.close(job.job_id)
+        return ev
 
     async def _start(self, job: Job) -> tuple[Mailbox, AnyEvent]:
         """Admit, send, and wait for the job's first event (it leaves the queue bound then)."""
