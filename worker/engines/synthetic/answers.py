@@ -20,24 +20,30 @@ from worker.toolcalls import ToolFormat
 
 # A schema nested deeper than this gets null below it (a recursive $ref).
 MAX_DEPTH = 8
+CHOSEN_LOGPROB = -0.25  # every token's, as reported: the engine samples nothing
 
 
-def pieces_of(tokenizer: Any, text: str) -> list[str]:
+# A piece of text and the token id it ends with (what logit_bias names).
+Piece = tuple[str, int]
+
+
+def pieces_of(tokenizer: Any, text: str) -> list[Piece]:
     """``text`` as the text of each of its tokens: together they are exactly
     ``text`` (each piece is what decoding one more token adds)."""
     ids = tokenizer.encode(text, add_special_tokens=False)
-    pieces, before = [], ""
+    pieces: list[Piece] = []
+    before = ""
     for k in range(1, len(ids) + 1):
         now = tokenizer.decode(ids[:k], skip_special_tokens=True)
         if not now.startswith(before) or now.endswith("\ufffd"):
             continue  # the token ends inside a character: its bytes come with the next one
-        pieces.append(now[len(before):])
+        pieces.append((now[len(before):], ids[k - 1]))
         before = now
     if before != text and text.startswith(before):
-        pieces.append(text[len(before):])
-    if "".join(pieces) != text:  # a tokenizer whose decoding of a prefix is not a prefix: as many even slices
+        pieces.append((text[len(before):], ids[-1]))
+    if "".join(p for p, _ in pieces) != text:  # a prefix's decoding is not a prefix: as many even slices
         size = -(-len(text) // max(1, len(ids)))
-        pieces = [text[i:i + size] for i in range(0, len(text), size)]
+        pieces = [(text[i:i + size], ids[min(i // size, len(ids) - 1)]) for i in range(0, len(text), size)]
     return pieces
 
 
@@ -66,13 +72,29 @@ def fixed_text(job: Job, index: int, tool_format: ToolFormat) -> str | None:
     return None
 
 
-def free_text(job: Job, index: int, passage: list[str]) -> Iterator[str]:
-    """The passage's pieces, forever, from the choice's offset."""
-    start = 0 if job.sampling.temperature == 0 else _rng(job, index).randrange(len(passage))
-    i = start
+def free_text(job: Job, index: int, passage: list[Piece], banned: set[int]) -> Iterator[Piece]:
+    """The passage's pieces, forever, from the choice's offset, passing over
+    the tokens ``logit_bias`` bans (unless it bans them all)."""
+    i = 0 if job.sampling.temperature == 0 else _rng(job, index).randrange(len(passage))
+    everything = all(token in banned for _, token in passage)
     while True:
-        yield passage[i]
+        piece = passage[i]
         i = (i + 1) % len(passage)
+        if everything or piece[1] not in banned:
+            yield piece
+
+
+def top_logprobs(chosen: str, k: int, passage: list[Piece], at: int) -> list[tuple[str, float]]:
+    """``k`` alternatives, most likely first: the chosen piece, then other
+    pieces of the passage, each less likely than the one before."""
+    top = [(chosen, CHOSEN_LOGPROB)]
+    for j in range(len(passage)):
+        if len(top) >= k:
+            break
+        other = passage[(at + j) % len(passage)][0]
+        if all(other != seen for seen, _ in top):
+            top.append((other, CHOSEN_LOGPROB - len(top)))
+    return top[:k]
 
 
 def _rng(job: Job, index: int) -> random.Random:

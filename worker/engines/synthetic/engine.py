@@ -23,7 +23,15 @@ from broker.schemas import FinishReason, Job, TokenLogprob
 from worker.engines.loop import LoopEngine, Request
 from worker.engines.protocol import Choice, Update
 from worker.engines.synthetic import SyntheticOptions
-from worker.engines.synthetic.answers import check, fixed_text, free_text, pieces_of
+from worker.engines.synthetic.answers import (
+    CHOSEN_LOGPROB,
+    Piece,
+    check,
+    fixed_text,
+    free_text,
+    pieces_of,
+    top_logprobs,
+)
 from worker.engines.synthetic.words import PASSAGE, WordTokenizer
 from worker.engines.transformers.stops import StopStrings
 from worker.loading import ModelSpec, load_tokenizer
@@ -41,7 +49,8 @@ class Row:
     """One choice as the clock runs it."""
 
     choice: Choice
-    pieces: Iterator[str]
+    pieces: Iterator[Piece]
+    passage: list[Piece]  # the alternatives logprobs name
     limit: int  # tokens before it ends: max_tokens, or the answer's own length
     finish_at_limit: FinishReason
     stops: StopStrings
@@ -55,7 +64,7 @@ class Row:
         self.prompt_tokens = len(self.choice.prompt_ids)
 
     def next(self) -> Update:
-        piece = next(self.pieces, "")
+        piece, _ = next(self.pieces, ("", 0))
         self.tokens += 1
         text, hit = self.stops.feed(piece)
         finish: FinishReason | None = "stop" if hit else None
@@ -63,7 +72,8 @@ class Row:
             finish = self.finish_at_limit
             text += self.stops.flush()
         logprobs = None if self.logprobs is None else [
-            TokenLogprob(token=piece, logprob=-0.25, top=[(piece, -0.25)][: self.logprobs])]
+            TokenLogprob(token=piece, logprob=CHOSEN_LOGPROB,
+                         top=top_logprobs(piece, self.logprobs, self.passage, self.tokens))]
         return Update(self.choice, text=text, tokens=1, logprobs=logprobs, finish=finish)
 
 
@@ -116,15 +126,16 @@ class SyntheticEngine(LoopEngine):
         answer length, unless the end token is banned."""
         fixed = fixed_text(job, choice.index, self.tool_format)
         own: int | None
+        banned = {token for token, bias in (job.sampling.logit_bias or {}).items() if bias <= BANNED}
+        pieces: Iterator[Piece]
         if fixed is not None:
             fixed_pieces = pieces_of(self.tokenizer, fixed)
             pieces, own = iter(fixed_pieces), len(fixed_pieces)
         else:
-            pieces = free_text(job, choice.index, self._passage)
-            banned = self._eos is not None and (job.sampling.logit_bias or {}).get(self._eos, 0.0) <= BANNED
-            own = None if banned else self.options.output_tokens
+            pieces = free_text(job, choice.index, self._passage, banned)
+            own = None if self._eos in banned else self.options.output_tokens
         cut = own is None or max_tokens < own
-        return Row(choice=choice, pieces=pieces, limit=max_tokens if cut or own is None else own,
+        return Row(choice=choice, pieces=pieces, passage=self._passage, limit=max_tokens if cut or own is None else own,
                    finish_at_limit="length" if cut else "stop", stops=StopStrings(job.stop),
                    logprobs=job.sampling.logprobs, done=self._loop.create_future())
 
