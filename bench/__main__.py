@@ -112,6 +112,7 @@ def parser() -> argparse.ArgumentParser:
     ca.add_argument("--no-floor", action="store_true", help="skip the bare FastAPI + sse-starlette floor")
     ca.add_argument("--floor-step-ms", type=float, default=None,
                     help="the floor's pace (default: --step-ms; 0: each answer's chunks at once)")
+    ca.add_argument("--worker-args", default="", help="more options for every worker, e.g. '--stream-interval 4'")
     ca.add_argument("--logs", type=Path, default=None, help="where the processes' logs go (default: a temp dir)")
     ca.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures here")
     return ap
@@ -122,7 +123,8 @@ def _capacity(a: argparse.Namespace) -> int:
 
     cfg = CapacityConfig(api_procs=a.api_procs, workers=a.workers, streams=a.streams, seconds=a.seconds,
                          max_tokens=a.max_tokens, step_ms=a.step_ms, batch=a.batch, url=a.url,
-                         floor=not a.no_floor, floor_step_ms=a.floor_step_ms, logs=a.logs)
+                         floor=not a.no_floor, floor_step_ms=a.floor_step_ms, worker_args=tuple(a.worker_args.split()),
+                         logs=a.logs)
     load_start = os.getloadavg()
     sides = run(cfg)
     result = report(cfg, sides)

@@ -27,7 +27,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -55,6 +54,7 @@ class CapacityConfig:
     url: str | None = None  # a running stack: only the client's figures
     floor: bool = True
     floor_step_ms: float | None = None  # None: the synthetic step; 0: the floor streams each answer at once
+    worker_args: tuple[str, ...] = ()  # more options for every worker, e.g. ("--stream-interval", "4")
     logs: Path | None = None
 
 
@@ -133,7 +133,8 @@ def llmq_stack(cfg: CapacityConfig, logs: Path) -> Iterator[tuple[list[str], Pro
                                    "--model-name", MODEL, "--concurrency", str(batch), "--hostname",
                                    f"capacity-{i}@%h", "--synthetic-step-ms", str(cfg.step_ms),
                                    "--synthetic-prefill-us", "0",
-                                   "--synthetic-output-tokens", str(cfg.max_tokens * 4), "--loglevel", "WARNING"])
+                                   "--synthetic-output-tokens", str(cfg.max_tokens * 4), "--loglevel", "WARNING",
+                                   *cfg.worker_args])
 
         def serving() -> bool:
             for url in urls:
@@ -172,15 +173,9 @@ def drive(name: str, cfg: CapacityConfig, urls: list[str], procs: Procs | None, 
     before = procs.cpu_s() if procs else {}
     load = subprocess.Popen([*base, "--streams", str(cfg.streams), "--seconds", str(cfg.seconds), "--json",
                              str(out)], cwd=ROOT, stdout=subprocess.DEVNULL)
-    load_cpu = 0.0
-    gen = psutil.Process(load.pid)
-    while load.poll() is None:
-        try:
-            t = gen.cpu_times()
-            load_cpu = t.user + t.system
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(0.2)
+    _, status, usage = os.wait4(load.pid, 0)  # its exact CPU time, read as it is reaped
+    load.returncode = os.waitstatus_to_exitcode(status)
+    load_cpu = usage.ru_utime + usage.ru_stime
     if load.returncode:
         raise RuntimeError(f"the load generator failed ({load.returncode}); logs in {logs}")
     after = procs.cpu_s() if procs else {}
@@ -217,7 +212,8 @@ def report(cfg: CapacityConfig, sides: list[Side]) -> dict[str, Any]:
         return "-" if v is None else f"{v:.0f} µs"
 
     table = Table(title=f"llmq bench capacity: {cfg.streams} streams, {cfg.max_tokens} tokens each, synthetic step "
-                        f"{cfg.step_ms:g} ms, {cfg.api_procs} API process(es), {cfg.workers} worker(s)")
+                        f"{cfg.step_ms:g} ms, {cfg.api_procs} API process(es), {cfg.workers} worker(s)"
+                        + (f" ({' '.join(cfg.worker_args)})" if cfg.worker_args else ""))
     table.add_column("")
     for side in sides:
         table.add_column(side.name, justify="right")

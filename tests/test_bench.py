@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.loadgen import Result, _Response
 from bench.sse import SSEParser, StreamRecorder, classify
 from bench.stats import RequestResult, itl_per_token, percentile, summarise
 
@@ -210,3 +211,22 @@ def test_turns_sends_turn_one_as_history_of_turn_two(stack) -> None:  # type: ig
     assert result["turn1_prompt_tokens"] >= 250  # type: ignore[operator]
     assert result["turn2_prompt_tokens"] > result["turn1_prompt_tokens"]  # type: ignore[operator]
     assert result["turn1_ttft_p50_s"] and result["turn2_ttft_p50_s"]
+
+
+def events(*chunks: str) -> bytes:
+    body = b"".join(f"data: {c}\r\n\r\n".encode() for c in chunks)
+    return b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n" + \
+        f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+
+
+def test_the_load_generator_parses_any_split_of_a_stream() -> None:
+    chunk = '{{"choices":[{{"index":0,"delta":{{"content":"{}"}}}}]}}'
+    raw = events('{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}', chunk.format("Hel"),
+                 chunk.format("lo"), '{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}', "[DONE]")
+    for size in (1, 7, len(raw)):
+        result = Result(t_send=0.0)
+        response = _Response(result)
+        for i in range(0, len(raw), size):
+            response.parser.feed_data(raw[i:i + size])
+        assert response.done and response.parser.get_status_code() == 200
+        assert (len(result.chunk_times), result.completion_tokens, result.error) == (2, 2, None), size

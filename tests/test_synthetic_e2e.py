@@ -173,3 +173,59 @@ def test_a_stream_interval_sends_the_first_token_then_every_fourth(synth: Synth)
     assert pieces[0] == "This"  # the first token at once
     assert "".join(pieces).split() == PASSAGE.split()[:21]
     assert 2 <= len(pieces) <= 6  # tokens 1, 5, 9, 13, 17, 21: six Deltas (fewer if the API merged some)
+
+
+def test_fastchats_token_check_counts_with_each_models_tokenizer(synth: Synth) -> None:
+    from worker.loading import ModelSpec, load_tokenizer
+
+    prompt = "Does this prompt, and its answer, fit the model's context?"
+    r = httpx.post(f"{synth.base}/api/v1/token_check", timeout=30, json={"prompts": [
+        {"model": NAMED, "prompt": prompt, "max_tokens": 100},
+        {"model": NAMED, "prompt": prompt, "max_tokens": 8190},
+        {"model": TOKENIZED, "prompt": prompt, "max_tokens": 10}]})
+    assert r.status_code == 200, r.text
+    words, too_long, demo = r.json()["prompts"]
+    assert words == {"fits": True, "tokenCount": len(WordTokenizer().encode(prompt)), "contextLength": 8192}
+    assert too_long == {**words, "fits": False}
+    demo_tokens = load_tokenizer(ModelSpec(path=str(DEMO_MODEL_DIR))).encode(prompt, add_special_tokens=True)
+    assert demo["tokenCount"] == len(demo_tokens) != words["tokenCount"] and demo["fits"] is True
+    missing = httpx.post(f"{synth.base}/api/v1/token_check", timeout=30, json={"prompts": [
+        {"model": "no-such-model", "prompt": "x", "max_tokens": 1}]})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    empty = httpx.post(f"{synth.base}/api/v1/token_check", timeout=30, json={"prompts": []})
+    assert empty.status_code == 400 and empty.json()["error"]["param"]
+
+
+def test_a_batch_of_lines_runs_on_synthetic_workers(synth: Synth) -> None:
+    import io
+
+    client = synth.client()
+    lines = [{"custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": NAMED, "max_tokens": 4 + i, "temperature": 0, "messages": ask(f"Line {i}.")}}
+             for i in range(6)]
+    data = ("\n".join(json.dumps(line) for line in lines) + "\n").encode()
+    upload = client.files.create(file=("batch.jsonl", io.BytesIO(data)), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    wait_for(lambda: client.batches.retrieve(batch.id).status in ("completed", "failed", "expired", "cancelled"), 120,
+             "the batch's end")
+    done = client.batches.retrieve(batch.id)
+    assert done.status == "completed" and done.request_counts and done.request_counts.completed == 6
+    out = [json.loads(line) for line in client.files.content(done.output_file_id or "").read().decode().splitlines()]
+    by_id = {o["custom_id"]: o["response"]["body"] for o in out}
+    for i in range(6):
+        body = by_id[f"line-{i}"]
+        assert body["usage"]["completion_tokens"] == 4 + i and body["choices"][0]["finish_reason"] == "length"
+        assert PASSAGE.startswith(body["choices"][0]["message"]["content"])
+
+
+def test_a_background_response_on_a_synthetic_worker(synth: Synth) -> None:
+    client = synth.client()
+    created = client.responses.create(model=NAMED, input="Say something.", temperature=0, max_output_tokens=9,
+                                      background=True)
+    assert created.status == "queued"
+    wait_for(lambda: client.responses.retrieve(created.id).status in ("completed", "failed", "cancelled",
+                                                                      "incomplete"), 60, "the response's end")
+    final = client.responses.retrieve(created.id)
+    assert final.status == "incomplete" and final.usage and final.usage.output_tokens == 9  # cut at max_output_tokens
+    assert PASSAGE.startswith(final.output_text) and final.incomplete_details is not None
+    assert final.incomplete_details.reason == "max_output_tokens"
