@@ -112,7 +112,7 @@ def parser() -> argparse.ArgumentParser:
     ca.add_argument("--no-floor", action="store_true", help="skip the bare FastAPI + sse-starlette floor")
     ca.add_argument("--floor-step-ms", type=float, default=None,
                     help="the floor's pace (default: --step-ms; 0: each answer's chunks at once)")
-    ca.add_argument("--worker-args", default="", help="more options for every worker, e.g. '--stream-interval 4'")
+    ca.add_argument("--worker-args", default="", help="more options for every worker, written with '=': --worker-args='--stream-interval 4'")
     ca.add_argument("--logs", type=Path, default=None, help="where the processes' logs go (default: a temp dir)")
     ca.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures here")
     return ap
