@@ -25,20 +25,19 @@ def worker_argv(model_paths: list[str], model_names: list[str], concurrency: int
     """The exact ``celery worker`` command line ``llmq worker`` runs."""
     from worker.loading import ModelSpec  # no torch import: loading imports it lazily
 
-    served = []
+    served: list[str] = []
+    models: list[str] = []
     for i in range(max(len(model_paths), len(model_names))):  # names past the paths: models with no files
         path = model_paths[i] if i < len(model_paths) else ""
         names = tuple(n for n in model_names[i].split(",") if n) if i < len(model_names) else ()
         served.extend(ModelSpec(path=path, names=names).served_names())
-    argv = [
+        models += ["--model-path", path] if i < len(model_paths) else []
+        models += ["--model-name", model_names[i]] if i < len(model_names) else []
+    return [
         engine_python(engine, settings), "-m", "celery", "-A", "worker.app", "worker",
         "--pool", "threads", "--concurrency", str(concurrency),
         "--hostname", f"llmq-{served[0]}@%h" if served else "llmq@%h",
         "--queues", ",".join(queue_name(n) for n in served),
         "--task-events", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
-        "--max-batch-size", str(concurrency), "--engine", engine,
+        "--max-batch-size", str(concurrency), "--engine", engine, *models, *extra,
     ]
-    for i in range(max(len(model_paths), len(model_names))):
-        argv += ["--model-path", model_paths[i]] if i < len(model_paths) else []
-        argv += ["--model-name", model_names[i]] if i < len(model_names) else []
-    return argv + extra

@@ -56,10 +56,9 @@ def worker(
     known = kinds()
     if engine not in known:
         raise typer.BadParameter(f"{engine!r}; pick one of {', '.join(known)}", param_hint="--engine")
-    if not model_path and (known[engine].weights or not model_name):
-        raise typer.BadParameter("a worker serves at least one model"
-                                 + ("" if known[engine].weights else " (--model-name alone will do)"),
-                                 param_hint="--model-path")
+    problem = known[engine].models_problem(model_path or [], model_name or [])
+    if problem is not None:
+        raise typer.BadParameter(problem, param_hint="--model-path")
     argv = worker_argv(model_path or [], model_name or [], concurrency, list(ctx.args), engine, settings=Settings())
     typer.echo(" ".join(argv[1:]), err=True)
     os.execv(argv[0], argv)

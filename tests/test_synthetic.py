@@ -162,12 +162,12 @@ def test_options_and_a_model_with_no_files() -> None:
     opts = SyntheticOptions.read({"engine": "synthetic", "max_batch_size": 64, "synthetic_step_ms": 5.0,
                                   "synthetic_prefill_us": 0.0, "synthetic_output_tokens": 40})
     assert (opts.step_s, opts.prefill_s_per_token, opts.output_tokens, opts.max_batch_size) == (0.005, 0.0, 40, 64)
-    specs = specs_from_options({"model_name": ("synth-a,synth-b", "synth-c")}, weights=False)
+    specs = specs_from_options({"model_name": ("synth-a,synth-b", "synth-c")}, kind)
     assert [s.served_names() for s in specs] == [("synth-a", "synth-b"), ("synth-c",)] and specs[0].path == ""
     with pytest.raises(ModelLoadError):
-        specs_from_options({"model_name": ("synth-a",)}, weights=True)
+        specs_from_options({"model_name": ("synth-a",)}, kind_of("transformers"))
     with pytest.raises(ModelLoadError):
-        specs_from_options({}, weights=False)
+        specs_from_options({}, kind)
 
 
 def test_a_synthetic_worker_loads_no_torch_and_no_transformers() -> None:

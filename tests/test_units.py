@@ -18,6 +18,7 @@ from broker.keys import Keys, queue_name
 from broker.schemas import Delta, parse_event
 from tests.procs import DEMO_MODEL_DIR
 from worker.bootstep import specs_from_options
+from worker.engines.registry import kind_of
 from worker.engines.transformers.detok import IncrementalDetokenizer
 from worker.loading import ModelLoadError, ModelSpec, load
 from broker.schemas import Sampling
@@ -178,12 +179,13 @@ def test_completion_prompt_forms() -> None:
 
 
 def test_worker_options_to_specs() -> None:
-    specs = specs_from_options({"model_path": ("/m/a", "/m/B.gguf"), "model_name": ("a1,a2",), "dtype": "auto"})
+    specs = specs_from_options({"model_path": ("/m/a", "/m/B.gguf"), "model_name": ("a1,a2",), "dtype": "auto"},
+                               kind_of("transformers"))
     assert specs[0].served_names() == ("a1", "a2") and specs[1].served_names() == ("b",)
     with pytest.raises(ModelLoadError):
-        specs_from_options({"model_path": ()})
+        specs_from_options({"model_path": ()}, kind_of("transformers"))
     with pytest.raises(ModelLoadError):
-        specs_from_options({"model_path": ("/m/a", "/n/a")})  # both would be served as "a"
+        specs_from_options({"model_path": ("/m/a", "/n/a")}, kind_of("transformers"))  # both would be served as "a"
 
 
 def test_bad_model_paths_fail_with_one_line(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -23,7 +23,7 @@ from celery import Celery, bootsteps
 from broker.connections import sync_redis
 from broker.settings import Settings
 from worker.embeddings import is_embedding_model, load_embedding
-from worker.engines.registry import DEFAULT, TOOL_FORMATS, kind_of, kinds
+from worker.engines.registry import DEFAULT, TOOL_FORMATS, EngineKind, kind_of, kinds
 from worker.hubwake import HubWaker
 from worker.loading import ModelLoadError, ModelSpec
 from worker.publish import Publisher
@@ -65,17 +65,13 @@ OPTIONS = [
 ]
 
 
-def specs_from_options(opts: dict[str, Any], weights: bool = True) -> list[ModelSpec]:
-    """One spec per model: the i-th --model-name names the i-th --model-path.
-    An engine without ``weights`` also takes names past the paths: models
-    with no files at all."""
+def specs_from_options(opts: dict[str, Any], kind: EngineKind) -> list[ModelSpec]:
+    """One spec per model (``EngineKind.models_problem`` says which options serve one)."""
     paths: tuple[str, ...] = opts.get("model_path") or ()
     names: tuple[str, ...] = opts.get("model_name") or ()
-    if not paths and (weights or not names):
-        raise ModelLoadError("no --model-path given: a worker must serve at least one model"
-                             + ("" if weights else " (this engine also takes --model-name alone)"))
-    if len(names) > len(paths) and weights:
-        raise ModelLoadError(f"{len(names)} --model-name options for {len(paths)} --model-path options")
+    problem = kind.models_problem(paths, names)
+    if problem is not None:
+        raise ModelLoadError(problem)
     paths = paths + ("",) * (len(names) - len(paths))
     specs = []
     for i, path in enumerate(paths):
@@ -106,7 +102,7 @@ class LLMQStep(bootsteps.StartStopStep):
             options = kind.before_load(options)
         publisher = Publisher(sync_redis(settings), settings.responses_stream_max_events, settings.responses_ttl_s)
         try:
-            specs = specs_from_options(opts, kind.weights)
+            specs = specs_from_options(opts, kind)
             embed = [s for s in specs if is_embedding_model(s.path)]
             build = kind.engine_class()
             engines = [build(s, options, publisher) for s in specs if not is_embedding_model(s.path)]

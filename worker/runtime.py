@@ -230,8 +230,6 @@ class Runtime:
         engine = self.engines.get(job.model)
         if engine is None:
             return self._fail(job, 404, "model_not_found", "model", f"This worker does not serve '{job.model}'.")
-        if job.kind == "count":
-            return self._count(job, engine)
         try:
             engine.check(job)
             ids = prompt_ids(engine.tokenizer, job, engine.vocab_size, engine.tool_format)
@@ -239,6 +237,8 @@ class Runtime:
             return self._fail(job, 400, exc.code, exc.param, str(exc))
         except PromptError as exc:
             return self._fail(job, 400, "invalid_prompt", exc.param, str(exc))
+        if job.kind == "count":
+            return self._counted(job, ids, engine)
         bad_bias = [t for t in job.sampling.logit_bias or {} if not 0 <= t < engine.vocab_size]
         if bad_bias:
             return self._fail(job, 400, "invalid_value", "logit_bias",
@@ -291,13 +291,9 @@ class Runtime:
                  reasons, len(ids), completion, job.n, queue_s, time.monotonic() - choices[0].submitted)
         return {"job_id": jid, "status": reasons, "prompt_tokens": len(ids), "completion_tokens": completion}
 
-    def _count(self, job: Job, engine: Engine) -> dict[str, object]:
-        """FastChat's token check: how many tokens the prompt is, as a chat
-        or completion job of this model would see it."""
-        try:
-            ids = prompt_ids(engine.tokenizer, job, engine.vocab_size, engine.tool_format)
-        except PromptError as exc:
-            return self._fail(job, 400, "invalid_prompt", exc.param, str(exc))
+    def _counted(self, job: Job, ids: list[int], engine: Engine) -> dict[str, object]:
+        """FastChat's token check: the prompt's tokens, as a chat or
+        completion job of this model would have them."""
         self.publisher.publish([(job.reply_channel, TokenCount(job_id=job.job_id, seq=0, prompt_tokens=len(ids),
                                                                context_length=engine.context_length))])
         return {"job_id": job.job_id, "status": "counted", "prompt_tokens": len(ids)}

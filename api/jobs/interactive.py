@@ -240,7 +240,7 @@ class Interactive:
         raise self._unexpected(first)
 
     async def embed(self, job: Job, *, api_key: NamedKey | None = None) -> Embeddings:
-        ev = await self._answer(job)
+        ev = await self._one_event(job)
         if isinstance(ev, Embeddings):
             if api_key is not None:
                 await self.jobs.count_tokens(api_key, ev.prompt_tokens)
@@ -249,12 +249,12 @@ class Interactive:
 
     async def count(self, job: Job) -> TokenCount:
         """A count job's answer: the prompt's tokens and the model's context."""
-        ev = await self._answer(job)
+        ev = await self._one_event(job)
         if isinstance(ev, TokenCount):
             return ev
         raise self._unexpected(ev)
 
-    async def _answer(self, job: Job) -> AnyEvent:
+    async def _one_event(self, job: Job) -> AnyEvent:
         """The one event that is the whole answer of an embedding or count job."""
         job = job.model_copy(update={"reply_channel": self._router.channel})
         try:

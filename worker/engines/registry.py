@@ -100,6 +100,17 @@ class EngineKind:
     # model may be only a --model-name; its --model-path, if any, is optional.
     weights: bool = True
 
+    def models_problem(self, paths: Sequence[str], names: Sequence[str]) -> str | None:
+        """Why these --model-path and --model-name options serve no model as
+        this engine needs them, or None. The i-th name names the i-th path;
+        an engine without ``weights`` also takes names past the paths."""
+        if not paths and (self.weights or not names):
+            return "no --model-path given: a worker must serve at least one model" + (
+                "" if self.weights else " (this engine also takes --model-name alone)")
+        if self.weights and len(names) > len(paths):
+            return f"{len(names)} --model-name options for {len(paths)} --model-path options"
+        return None
+
     def engine_class(self) -> EngineClass:
         module, _, attr = self.engine.partition(":")
         return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]

@@ -16,7 +16,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from broker.schemas import FinishReason, Job, TokenLogprob
@@ -58,10 +58,6 @@ class Row:
     done: asyncio.Future[None]
     tokens: int = 0
     dropped: bool = False
-    prompt_tokens: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.prompt_tokens = len(self.choice.prompt_ids)
 
     def next(self) -> Update:
         piece, _ = next(self.pieces, ("", 0))
@@ -134,10 +130,9 @@ class SyntheticEngine(LoopEngine):
         else:
             pieces = free_text(job, choice.index, self._passage, banned)
             own = None if self._eos in banned else self.options.output_tokens
-        cut = own is None or max_tokens < own
-        return Row(choice=choice, pieces=pieces, passage=self._passage, limit=max_tokens if cut or own is None else own,
-                   finish_at_limit="length" if cut else "stop", stops=StopStrings(job.stop),
-                   logprobs=job.sampling.logprobs, done=self._loop.create_future())
+        limit, finish = (max_tokens, "length") if own is None or max_tokens < own else (own, "stop")
+        return Row(choice=choice, pieces=pieces, passage=self._passage, limit=limit, finish_at_limit=finish,
+                   stops=StopStrings(job.stop), logprobs=job.sampling.logprobs, done=self._loop.create_future())
 
     async def _steps(self) -> None:
         loop = asyncio.get_running_loop()
@@ -154,7 +149,7 @@ class SyntheticEngine(LoopEngine):
                 row = self._waiting.popleft()
                 if not row.dropped:
                     self._running.append(row)
-                    admitted += row.prompt_tokens
+                    admitted += len(row.choice.prompt_ids)
             due = max(due + self.options.step_s + admitted * self.options.prefill_s_per_token, loop.time())
             await asyncio.sleep(due - loop.time())
             live = [r for r in self._running if not r.dropped]
