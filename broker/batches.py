@@ -51,6 +51,10 @@ def record(r: redis.Redis, keys: Keys, batch_id: str, result: LineResult) -> boo
     return bool(r.eval(*record_args(keys, batch_id, result)))
 
 
+def has_result(r: redis.Redis, keys: Keys, batch_id: str, index: int) -> bool:
+    return bool(r.hexists(keys.batch_results(batch_id), str(index)))
+
+
 def batch_status(r: redis.Redis, keys: Keys, batch_id: str) -> str | None:
     """The batch's status (None: the batch is gone, e.g. deleted or expired)."""
     raw = r.hget(keys.batch(batch_id), "status")

@@ -29,7 +29,8 @@ def is_cancelled(r: redis.Redis, keys: Keys, job_id: str) -> bool:
 class Claim(enum.Enum):
     NEW = 1  # first delivery: run it
     TAKEN_OVER = 2  # its claimer died before starting it: run it here
-    HELD = 0  # a live worker has it, or it started (the API resubmits or fails those): skip
+    HELD = 0  # a live worker has it, or it started: skip (the API resubmits or fails those; a batch line
+    #           with no result goes back to the queue, worker/runtime.py)
 
 
 # Claim a job (KEYS[1]) for ARGV[1]. A copy redelivered after its worker died

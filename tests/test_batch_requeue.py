@@ -68,3 +68,39 @@ def test_a_line_whose_result_cannot_be_stored_goes_back_to_the_queue_and_is_stor
     r.delete(keys.claim(job.job_id))
     assert rt.run(job)["status"] == "model_not_found"
     assert r.hlen(keys.batch_results("b1")) == 1 and r.hget(keys.batch("b1"), "failed") == b"1"
+
+
+def test_a_line_claimed_by_a_worker_that_looks_alive_goes_back_until_it_has_a_result(
+        redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A redelivered copy of a line whose claimer is still in the registry
+    (it died between its beat and re-scoring what it held, so its message
+    came back before its entry expired) is not acknowledged as a duplicate:
+    that lost the line. It goes back to the queue while the line has no
+    result; once the claimer has left the registry the copy takes the line
+    over and runs it; once the line has a result a copy is dropped."""
+    settings = Settings(redis_url=redis_url, heartbeat_interval_s=0.2)
+    keys = Keys(settings.key_prefix)
+    r = redis.Redis.from_url(redis_url)
+    rt = Runtime(settings, [], [], Publisher(r), EngineOptions(), worker_id="worker-a")
+    r.hset(keys.batch("b2"), "status", batches.IN_PROGRESS)
+    job = Job(job_id="line-job-5", model="nobody", kind="completion", prompt="hi", reply_channel="",
+              submitted_at=time.time(),
+              batch=BatchLine(batch_id="b2", index=5, custom_id="c5", expires_at=time.time() + 600))
+    r.set(keys.claim(job.job_id), "worker-dead", ex=600)
+    r.set(keys.worker("worker-dead"), "{}", px=60_000)  # its entry has not expired yet
+
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="llmq.worker"), pytest.raises(Reject) as rejected:
+        rt.run(job)
+    assert rejected.value.requeue and time.monotonic() - started >= 0.2  # not straight back: one beat
+    assert "claimed by a worker that looks alive" in caplog.text
+    assert r.hlen(keys.batch_results("b2")) == 0 and r.get(keys.claim(job.job_id)) == b"worker-dead"
+
+    r.delete(keys.worker("worker-dead"))  # the entry expires: the next copy takes the line over
+    assert rt.run(job)["status"] == "model_not_found"
+    assert list(r.hgetall(keys.batch_results("b2"))) == [b"5"]
+
+    r.set(keys.claim(job.job_id), "worker-dead", ex=600)
+    r.set(keys.worker("worker-dead"), "{}", px=60_000)
+    assert rt.run(job)["status"] == "duplicate"  # the line has its result: a late copy is dropped
+    assert r.hlen(keys.batch_results("b2")) == 1 and r.hget(keys.batch("b2"), "failed") == b"1"

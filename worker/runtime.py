@@ -178,7 +178,21 @@ class Runtime:
             finally:
                 events = self.publisher.take(jid)
             if result.get("status") == "duplicate":
-                return result  # another copy of the line runs, or ran, it
+                if batches.has_result(self.redis, self.keys, line.batch_id, line.index):
+                    return result  # another copy of the line ran it
+                # Its claimer still looks alive: a live worker runs it, or a
+                # dead one whose registry entry outlived the visibility of its
+                # message (it died between its beat and re-scoring what it
+                # held). Acknowledged, this copy would be the line's last, and
+                # its batch would wait for it to the end of its window: it
+                # goes back to the queue, and comes again until the line has
+                # a result or its claimer has left the registry.
+                log.warning("job %s: line %d of batch %s is claimed by a worker that looks alive and has no result "
+                            "yet; back to the queue in %.1f s", jid, line.index, line.batch_id,
+                            self.settings.heartbeat_interval_s)
+                self._stopping.wait(self.settings.heartbeat_interval_s)
+                raise Reject(f"line {line.index} of batch {line.batch_id}: claimed elsewhere, no result yet",
+                             requeue=True)
             stored = batches.record(self.redis, self.keys, line.batch_id, LineResult(
                 index=line.index, custom_id=line.custom_id, job_id=jid, events=events, finished_at=time.time()))
         except redis.RedisError as exc:
