@@ -1,4 +1,8 @@
-"""Dependency aliases: routes declare what they need, ``app.state`` holds it."""
+"""Dependency aliases: routes declare what they need, ``app.state`` holds it.
+
+Every dependency that only reads state is ``async def``: FastAPI runs a plain
+``def`` dependency in a thread pool, a thread hop per request for an
+attribute lookup (other modules' ``_store`` and friends follow this too)."""
 
 from __future__ import annotations
 
@@ -10,11 +14,11 @@ from api.jobs.interactive import Interactive
 from broker.registry import Registry
 
 
-def _interactive(request: Request) -> Interactive:
+async def _interactive(request: Request) -> Interactive:
     return request.app.state.interactive  # type: ignore[no-any-return]
 
 
-def _registry(request: Request) -> Registry:
+async def _registry(request: Request) -> Registry:
     return request.app.state.registry  # type: ignore[no-any-return]
 
 

@@ -141,7 +141,7 @@ class FileStore:
                         last_id=page[-1].id if page else None)
 
 
-def _store(request: Request) -> FileStore:
+async def _store(request: Request) -> FileStore:
     return request.app.state.files  # type: ignore[no-any-return]
 
 

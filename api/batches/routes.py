@@ -23,11 +23,11 @@ from api.errors import ERROR_RESPONSES, APIError
 log = logging.getLogger("llmq.api.batches.routes")
 
 
-def _store(request: Request) -> BatchStore:
+async def _store(request: Request) -> BatchStore:
     return request.app.state.batches  # type: ignore[no-any-return]
 
 
-def _keeper(request: Request) -> BatchKeeper:
+async def _keeper(request: Request) -> BatchKeeper:
     return request.app.state.batch_keeper  # type: ignore[no-any-return]
 
 

@@ -31,7 +31,7 @@ from api.sse import TokenStream
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 
 
-def _responses(request: Request) -> Responses:
+async def _responses(request: Request) -> Responses:
     return request.app.state.responses  # type: ignore[no-any-return]
 
 
