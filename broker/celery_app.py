@@ -6,6 +6,7 @@ from __future__ import annotations
 from celery import Celery
 
 from broker.connections import celery_broker
+from broker.transport import transport_name
 from broker.settings import Settings
 
 GENERATE_TASK = "llmq.generate"
@@ -15,6 +16,8 @@ def make_celery(settings: Settings, main: str = "llmq") -> Celery:
     broker_url, transport = celery_broker(settings)
     app = Celery(main, broker=broker_url)
     app.conf.update(
+        # Kombu's Redis transport, less a redis-py client built per command.
+        broker_transport=transport_name(sentinel=bool(settings.redis_sentinels)),
         # Jobs are JSON: readable in Flower and safe to decode.
         task_serializer="json",
         accept_content=["json"],

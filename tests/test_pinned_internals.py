@@ -6,6 +6,8 @@ the versions that pass here.
 - ``worker/redelivery.py``: kombu keeps a taken message in its unacked index,
   a re-scored one is never put back, one nobody re-scores is put back after
   the visibility timeout.
+- ``broker/transport.py``: kombu's Redis channel builds every client it
+  sends a command with in ``Channel._create_client``.
 - ``worker/tasks.py``: Celery sends ``task_received`` for each message taken,
   calls the request's ``acknowledge``/``reject`` on the task's thread once it
   has freed the thread, and a task that raises ``Reject(requeue=True)`` has
@@ -199,3 +201,30 @@ def test_celery_still_calls_what_tasks_overrides() -> None:
     assert list(inspect.signature(Request.reject).parameters) == ["self", "requeue"]
     assert list(inspect.signature(Request.acknowledge).parameters) == ["self"]
     assert tasks.HeldRequest.__mro__[1] is Request
+
+
+def test_a_channel_sends_every_command_with_one_client_per_pool(redis_url: str) -> None:
+    """``broker/transport.py``: kombu still makes its clients in
+    ``_create_client(asynchronous)``; with llmq's transport a publish, the
+    unacked index and an ack share one client, and a replaced pool gets a
+    new one."""
+    assert list(inspect.signature(kombu_redis.Channel._create_client).parameters) == ["self", "asynchronous"]
+    app = make_celery(settings_for(redis_url))
+    made: list[Any] = []
+    with app.connection_for_write() as conn:
+        channel = conn.channel()
+        real = channel.Client
+        channel.Client = lambda **kw: made.append(real(**kw)) or made[-1]
+        queue = Queue("llmq.test-one-client")
+        with conn.Producer(channel) as producer:
+            for i in range(3):
+                producer.publish({"n": i}, routing_key=queue.name, declare=[queue])
+        for _ in range(3):
+            message = channel.basic_get(queue.name, no_ack=False)
+            assert message is not None
+            message.ack()
+        assert len(made) == 1
+        channel._disconnect_pools()
+        with channel.conn_or_acquire() as client:
+            assert client is not made[0] and len(made) == 2
+        channel.close()

@@ -16,8 +16,9 @@ every heartbeat:
 A restored message is delivered again; the claim key decides whether it
 runs again (``broker/control.py``).
 
-Kombu has no public API for either: ``tick`` is the one place llmq touches
-its Redis channel's internals (``unacked_index_key``, ``qos.restore_visible``).
+Kombu has no public API for either: ``tick`` is where llmq touches its Redis
+channel's internals (``unacked_index_key``, ``qos.restore_visible``); the
+other place is ``broker/transport.py``.
 Tested with kombu 5.6 (the bounds in ``pyproject.toml``);
 ``tests/test_pinned_internals.py`` checks both against a real Redis and fails
 if kombu changes them.
