@@ -94,6 +94,7 @@ class Shape(Protocol):
     # they are made once per token.
     def first(self, run: RunningJob, index: int) -> str | None: ...
     def delta(self, run: RunningJob, ev: Delta) -> str: ...
+    def text_frame(self, run: RunningJob, index: int) -> tuple[bytes, bytes]: ...
     def final(self, run: RunningJob, done: Done) -> str: ...
     def usage(self, run: RunningJob, usage: UsageInfo) -> str: ...
     def body(self, run: Answered, choices: list[ChoiceResult], usage: UsageInfo) -> dict[str, Any]: ...
@@ -101,6 +102,17 @@ class Shape(Protocol):
 
 def _bytes(text: str) -> list[int]:
     return list(text.encode("utf-8"))
+
+
+def _frame(empty: str, key: str) -> tuple[bytes, bytes]:
+    """A chunk whose text is ``""`` split around that empty string: the SSE
+    event of a text-only delta is head + the text as a JSON string + tail.
+    Built once per choice of a stream, so a token costs one ``json.dumps``
+    of its text instead of two pydantic models and their serialization (a
+    tenth of the API's CPU per token)."""
+    head, found, tail = empty.partition(key + '""')
+    assert found, empty
+    return b"data: " + (head + key).encode(), (tail + "\n\n").encode()
 
 
 def _call_piece(piece: ToolCallDelta) -> dict[str, Any]:
@@ -136,6 +148,9 @@ class ChatShape:
         if ev.tool_calls:
             delta["tool_calls"] = [_call_piece(p) for p in ev.tool_calls]
         return self._chunk(run, ChatChunkChoice(index=ev.index, delta=delta, logprobs=lp))
+
+    def text_frame(self, run: RunningJob, index: int) -> tuple[bytes, bytes]:
+        return _frame(self._chunk(run, ChatChunkChoice(index=index, delta={"content": ""})), '"content":')
 
     def final(self, run: RunningJob, done: Done) -> str:
         return self._chunk(run, ChatChunkChoice(index=done.index, delta={}, finish_reason=done.finish_reason))
@@ -186,6 +201,9 @@ class CompletionShape:
         lp = self.logprobs(ev.logprobs, 0) if ev.logprobs is not None else None
         return self._chunk(run, CompletionChoice(index=ev.index, text=ev.text, logprobs=lp))
 
+    def text_frame(self, run: RunningJob, index: int) -> tuple[bytes, bytes]:
+        return _frame(self._chunk(run, CompletionChoice(index=index, text="")), '"text":')
+
     def final(self, run: RunningJob, done: Done) -> str:
         return self._chunk(run, CompletionChoice(index=done.index, text="", finish_reason=done.finish_reason))
 
@@ -228,6 +246,7 @@ async def stream(run: RunningJob, shape: Shape, include_usage: bool) -> AsyncIte
     """SSE events for one job. The ``finally`` cancels the job when the
     client leaves (Starlette cancels this generator then)."""
     completion_tokens = 0
+    frames: dict[int, tuple[bytes, bytes]] = {}  # per choice: a text-only delta's event around its text
     try:
         for index in range(run.job.n):
             first = shape.first(run, index)
@@ -235,7 +254,11 @@ async def stream(run: RunningJob, shape: Shape, include_usage: bool) -> AsyncIte
                 yield sse_event(first)
         async for ev in run.events():
             if isinstance(ev, Delta):
-                if ev.text or ev.logprobs or ev.tool_calls:
+                if ev.logprobs is None and not ev.tool_calls:
+                    if ev.text:
+                        head, tail = frames.get(ev.index) or frames.setdefault(ev.index, shape.text_frame(run, ev.index))
+                        yield head + json.dumps(ev.text, ensure_ascii=False).encode() + tail
+                elif ev.text or ev.logprobs or ev.tool_calls:
                     yield sse_event(shape.delta(run, ev))
             elif isinstance(ev, Done):
                 completion_tokens += ev.usage.completion_tokens
