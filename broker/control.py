@@ -35,8 +35,11 @@ class Claim(enum.Enum):
 
 # Claim a job (KEYS[1]) for ARGV[1]. A copy redelivered after its worker died
 # may take the claim over, but only if that worker never published Started
-# (KEYS[2]) and its registry entry (ARGV[3] .. holder) is gone.
+# (KEYS[2]) and its registry entry (ARGV[3] .. holder) is gone. Whichever way,
+# the job (ARGV[4]) has left its queue: it no longer counts against the
+# model's queue bound (KEYS[3], ``admit``).
 _CLAIM = """
+redis.call('ZREM', KEYS[3], ARGV[4])
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 1 end
 local holder = redis.call('GET', KEYS[1])
 if holder == false or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
@@ -46,10 +49,10 @@ return 2
 """
 
 
-def claim(r: redis.Redis, keys: Keys, job_id: str, worker_id: str, ttl_s: int) -> Claim:
+def claim(r: redis.Redis, keys: Keys, model: str, job_id: str, worker_id: str, ttl_s: int) -> Claim:
     """Whether this worker runs this delivery of the job (atomic in Redis)."""
-    return Claim(int(r.eval(_CLAIM, 2, keys.claim(job_id), keys.started(job_id), worker_id, ttl_s,
-                            keys.worker(""))))
+    return Claim(int(r.eval(_CLAIM, 3, keys.claim(job_id), keys.started(job_id), keys.waiting(model), worker_id,
+                            ttl_s, keys.worker(""), job_id)))
 
 
 # Drop KEYS[1] (a claim) if ARGV[1] holds it.

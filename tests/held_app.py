@@ -38,10 +38,10 @@ def _hold(r: redis.Redis, keys: Keys, job_id: str) -> None:
     threading.Event().wait()
 
 
-def _held_claim(r: redis.Redis, keys: Keys, job_id: str, *args: Any, **kwargs: Any) -> Claim:
+def _held_claim(r: redis.Redis, keys: Keys, model: str, job_id: str, *args: Any, **kwargs: Any) -> Claim:
     if POINT == "before_claim":
         _hold(r, keys, job_id)
-    got = _claim(r, keys, job_id, *args, **kwargs)
+    got = _claim(r, keys, model, job_id, *args, **kwargs)
     if POINT == "after_claim" and got is not Claim.HELD:
         _hold(r, keys, job_id)
     return got

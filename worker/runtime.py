@@ -223,7 +223,7 @@ class Runtime:
         if is_cancelled(self.redis, self.keys, jid):
             log.info("job %s: cancelled while queued, skipped", jid)
             return {"job_id": jid, "status": "cancelled_in_queue"}
-        got = claim(self.redis, self.keys, jid, self.worker_id, self.settings.claim_ttl_s)
+        got = claim(self.redis, self.keys, job.model, jid, self.worker_id, self.settings.claim_ttl_s)
         if got is Claim.HELD:
             log.warning("job %s: delivered again but claimed by a live worker or already started, skipped", jid)
             return {"job_id": jid, "status": "duplicate"}

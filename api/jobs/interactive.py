@@ -264,17 +264,22 @@ class Interactive:
         return ev
 
     async def _start(self, job: Job) -> tuple[Mailbox, AnyEvent]:
-        """Admit, send, and wait for the job's first event (it leaves the queue bound then)."""
+        """Admit, send, and wait for the job's first event. The worker's
+        claim takes the job off the queue bound (``broker/control.py``), so
+        only a job that fails here, or whose first event was made here (the
+        reply channel lost), is taken off by the API."""
         await self.jobs.admit(job.model, "embedding" if job.kind == "embedding" else "chat", job.job_id)
         try:
             q = self._router.open(job.job_id)  # refused while the reply channel is lost (api/jobs/replies.py)
             await self.jobs.send(job)
-            return q, await self._first_event(q, job.job_id)
+            ev = await self._first_event(q, job.job_id)
         except BaseException:
             await self.release(job.job_id, cancel=True)
-            raise
-        finally:
             await self.jobs.leave_queue(job.model, job.job_id)
+            raise
+        if isinstance(ev, Error):
+            await self.jobs.leave_queue(job.model, job.job_id)
+        return q, ev
 
     async def _first_event(self, q: Mailbox, job_id: str) -> AnyEvent:
         """The first event of ``job_id`` (a shared mailbox may still hold an
