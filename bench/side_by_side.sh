@@ -15,12 +15,16 @@
 # at a time, ROUNDS times (default 1) in alternating order; the table at the
 # end gives each figure's median over the rounds (bench/sides.py). Figures:
 # var/bench/$ENGINE-*-r*.json. Extra worker options go in
-# LLMQ_BENCH_WORKER_ARGS (e.g. "--max-step-tokens 1024").
+# LLMQ_BENCH_WORKER_ARGS (e.g. "--max-step-tokens 1024"). CLIENT=closedloop
+# drives both with the independent client instead (bench/closedloop.py: 8
+# short questions, REQUESTS answers, default 128, tokens counted with the
+# model's tokenizer); its figures go to var/bench/$ENGINE-closedloop-*.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLIENTS=("$@"); [ ${#CLIENTS[@]} -eq 0 ] && CLIENTS=(1 16 64)
 ENGINE=${ENGINE:-transformers}
 ROUNDS=${ROUNDS:-1}
+CLIENT=${CLIENT:-http}; TAG=$ENGINE; [ "$CLIENT" = closedloop ] && TAG=$ENGINE-closedloop
 PY=.venv/bin/python; OUT=var/bench; LOGS=var/bench/logs; mkdir -p "$LOGS"
 REDIS_PORT=${REDIS_PORT:-6391}; API_PORT=${API_PORT:-8011}
 DEMO=models/smollm2-135m-instruct
@@ -68,9 +72,14 @@ for c in "${CLIENTS[@]}"; do
     for sys in "${order[@]}"; do
       port=$API_PORT; [ "$sys" != llmq ] && port=$ANCHOR_PORT
       echo "== $sys ($ENGINE), $c client(s), $n requests, round $((r + 1)) of $ROUNDS"
-      $PY -m bench http --base-url "http://127.0.0.1:$port/v1" --model smollm2 --concurrency "$c" --requests "$n" \
-        --max-tokens 64 --temperature 0 --json "$OUT/$ENGINE-$sys-c$c-r$r.json" | grep -E "tokens/s|TTFT|ITL|errors"
+      if [ "$CLIENT" = closedloop ]; then
+        $PY -m bench.closedloop --base-url "http://127.0.0.1:$port/v1" --model smollm2 --concurrency "$c" \
+          --requests "${REQUESTS:-128}" --tokenizer "$DEMO" --json "$OUT/$TAG-$sys-c$c-r$r.json"
+      else
+        $PY -m bench http --base-url "http://127.0.0.1:$port/v1" --model smollm2 --concurrency "$c" --requests "$n" \
+          --max-tokens 64 --temperature 0 --json "$OUT/$TAG-$sys-c$c-r$r.json" | grep -E "tokens/s|TTFT|ITL|errors"
+      fi
     done
   done
 done
-$PY -m bench.sides "$ENGINE" "$ANCHOR_NAME" "${CLIENTS[@]}" --rounds "$ROUNDS"
+$PY -m bench.sides "$TAG" "$ANCHOR_NAME" "${CLIENTS[@]}" --rounds "$ROUNDS"

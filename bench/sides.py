@@ -19,7 +19,8 @@ OUT = Path("var/bench")
 
 def _round(engine: str, system: str, clients: int, r: int) -> dict[str, float]:
     path = OUT / f"{engine}-{system}-c{clients}-r{r}.json"
-    return json.loads(path.read_text())["runs"]["http"]  # type: ignore[no-any-return]
+    data = json.loads(path.read_text())
+    return data["runs"]["http"] if "runs" in data else data  # type: ignore[no-any-return]  # bench http / closedloop
 
 
 def main() -> None:
@@ -37,6 +38,8 @@ def main() -> None:
         for label, key, scale, unit, fmt in (("output tokens/s", "tokens_per_s", 1, "", ".1f"),
                                              ("TTFT p50", "ttft_p50_s", 1000, " ms", ".1f"),
                                              ("ITL p50", "itl_p50_s", 1000, " ms", ".2f")):
+            if any(key not in run for rs in runs.values() for run in rs):
+                continue  # bench.closedloop measures no inter-token time
             ours = [run[key] * scale for run in runs["llmq"]]
             theirs = [run[key] * scale for run in runs[args.anchor]]
             mine, anchor = statistics.median(ours), statistics.median(theirs)

@@ -230,3 +230,37 @@ def test_the_load_generator_parses_any_split_of_a_stream() -> None:
             response.parser.feed_data(raw[i:i + size])
         assert response.done and response.parser.get_status_code() == 200
         assert (len(result.chunk_times), result.completion_tokens, result.error) == (2, 2, None), size
+
+
+def test_the_closed_loop_client_reads_streams_and_counts_with_its_own_tokenizer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/closedloop.py against an in-memory transport (a pure unit test):
+    text is put together from the deltas, counted by the function given,
+    a failed request is an error, not tokens."""
+    import asyncio
+
+    import httpx
+
+    from bench import closedloop
+
+    calls = {"n": 0}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            return httpx.Response(503, json={"error": {"message": "busy"}})
+        chunks = [{"choices": [{"delta": {"role": "assistant", "content": ""}}]},
+                  {"choices": [{"delta": {"content": "Paris"}}]}, {"choices": [{"delta": {"content": " is it."}}]}]
+        body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        return httpx.Response(200, content=body.encode(), headers={"content-type": "text/event-stream"})
+
+    real = httpx.AsyncClient
+
+    def client(**kw: object) -> httpx.AsyncClient:
+        return real(transport=httpx.MockTransport(answer), **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(httpx, "AsyncClient", client)
+    result = asyncio.run(closedloop.run("http://x/v1", "m", 2, 6, 16, lambda text: len(text.split())))
+    assert (result.requests, result.errors) == (6, 1)  # the warm-up is the first call, not counted
+    assert result.output_tokens == 5 * 3 and result.tokens_per_answer == 3.0  # "Paris is it." is 3 words
+    assert result.ttft_p50_s > 0 and result.tokens_per_s > 0
