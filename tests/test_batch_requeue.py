@@ -34,17 +34,23 @@ def failing_once(real: Any, calls: list[str], name: str) -> Any:
     return call
 
 
-def test_a_line_whose_result_cannot_be_stored_goes_back_to_the_queue_and_is_stored_once(
-        redis_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def a_line(redis_url: str, batch_id: str, index: int) -> tuple[Keys, redis.Redis, Runtime, Job]:
+    """A worker's runtime with no engine (the line is refused, model_not_found:
+    a result to store like any other) and line ``index`` of a batch in progress."""
     settings = Settings(redis_url=redis_url, heartbeat_interval_s=0.2)
     keys = Keys(settings.key_prefix)
     r = redis.Redis.from_url(redis_url)
-    # No engine: the line is refused (model_not_found), which is a result to store like any other.
     rt = Runtime(settings, [], [], Publisher(r), EngineOptions(), worker_id="worker-a")
-    r.hset(keys.batch("b1"), "status", batches.IN_PROGRESS)
-    job = Job(job_id="line-job-3", model="nobody", kind="completion", prompt="hi", reply_channel="",
-              submitted_at=time.time(),
-              batch=BatchLine(batch_id="b1", index=3, custom_id="c3", expires_at=time.time() + 600))
+    r.hset(keys.batch(batch_id), "status", batches.IN_PROGRESS)
+    job = Job(job_id=f"line-job-{index}", model="nobody", kind="completion", prompt="hi", reply_channel="",
+              submitted_at=time.time(), batch=BatchLine(batch_id=batch_id, index=index, custom_id=f"c{index}",
+                                                         expires_at=time.time() + 600))
+    return keys, r, rt, job
+
+
+def test_a_line_whose_result_cannot_be_stored_goes_back_to_the_queue_and_is_stored_once(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    keys, r, rt, job = a_line(redis_url, "b1", 3)
     calls: list[str] = []
     monkeypatch.setattr(batches, "record", failing_once(batches.record, calls, "record"))
     # Redis is still away when the worker frees the claim: it waits for it.
@@ -78,14 +84,7 @@ def test_a_line_claimed_by_a_worker_that_looks_alive_goes_back_until_it_has_a_re
     that lost the line. It goes back to the queue while the line has no
     result; once the claimer has left the registry the copy takes the line
     over and runs it; once the line has a result a copy is dropped."""
-    settings = Settings(redis_url=redis_url, heartbeat_interval_s=0.2)
-    keys = Keys(settings.key_prefix)
-    r = redis.Redis.from_url(redis_url)
-    rt = Runtime(settings, [], [], Publisher(r), EngineOptions(), worker_id="worker-a")
-    r.hset(keys.batch("b2"), "status", batches.IN_PROGRESS)
-    job = Job(job_id="line-job-5", model="nobody", kind="completion", prompt="hi", reply_channel="",
-              submitted_at=time.time(),
-              batch=BatchLine(batch_id="b2", index=5, custom_id="c5", expires_at=time.time() + 600))
+    keys, r, rt, job = a_line(redis_url, "b2", 5)
     r.set(keys.claim(job.job_id), "worker-dead", ex=600)
     r.set(keys.worker("worker-dead"), "{}", px=60_000)  # its entry has not expired yet
 
