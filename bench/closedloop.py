@@ -2,9 +2,11 @@
 
 ``python -m bench.closedloop --base-url URL/v1 --model NAME --tokenizer DIR``
 
-It shares no code with ``bench/http.py``: plain httpx, its own reading of
-the SSE lines, and output tokens counted by encoding the text each answer
-streamed with the model's own tokenizer (not the server's ``usage``, which
+It shares no code with ``bench/http.py``'s requests and stream reading
+(only ``bench/stats.py``'s percentile, so the two clients' figures
+compare): plain httpx, its own reading of the SSE lines, and output
+tokens counted by encoding the text each answer streamed with the model's
+own tokenizer (not the server's ``usage``, which
 not every server sends when streaming). ``--concurrency`` clients each send
 the next of 8 short questions as soon as their last answer ended, until
 ``--requests`` answers are in. Short questions end at the model's own end
@@ -25,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from bench.stats import percentile  # the same percentile as bench http's figures, to compare them
 
 PROMPTS = (
     "What is the capital of France?",
@@ -84,11 +88,6 @@ async def ask(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_
     return answer
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
 async def run(base_url: str, model: str, concurrency: int, requests: int, max_tokens: int,
               count: Any) -> Result:
     url = base_url.rstrip("/") + "/chat/completions"
@@ -113,7 +112,7 @@ async def run(base_url: str, model: str, concurrency: int, requests: int, max_to
     ttfts = [a.ttft_s for a in good if a.ttft_s is not None] or [float("nan")]
     return Result(requests=len(answers), errors=len(answers) - len(good), output_tokens=sum(tokens), wall_s=wall,
                   tokens_per_s=sum(tokens) / wall, tokens_per_answer=statistics.fmean(tokens) if tokens else 0.0,
-                  ttft_p50_s=percentile(ttfts, 0.5), ttft_p99_s=percentile(ttfts, 0.99))
+                  ttft_p50_s=percentile(ttfts, 50), ttft_p99_s=percentile(ttfts, 99))  # type: ignore[arg-type]
 
 
 def main() -> None:

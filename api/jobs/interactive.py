@@ -269,17 +269,19 @@ class Interactive:
         only a job that fails here, or whose first event was made here (the
         reply channel lost), is taken off by the API."""
         await self.jobs.admit(job.model, "embedding" if job.kind == "embedding" else "chat", job.job_id)
+        claimed = False
         try:
             q = self._router.open(job.job_id)  # refused while the reply channel is lost (api/jobs/replies.py)
             await self.jobs.send(job)
             ev = await self._first_event(q, job.job_id)
+            claimed = not isinstance(ev, Error)
+            return q, ev
         except BaseException:
             await self.release(job.job_id, cancel=True)
-            await self.jobs.leave_queue(job.model, job.job_id)
             raise
-        if isinstance(ev, Error):
-            await self.jobs.leave_queue(job.model, job.job_id)
-        return q, ev
+        finally:
+            if not claimed:
+                await self.jobs.leave_queue(job.model, job.job_id)
 
     async def _first_event(self, q: Mailbox, job_id: str) -> AnyEvent:
         """The first event of ``job_id`` (a shared mailbox may still hold an
