@@ -87,13 +87,15 @@ def wrong_model_kind(model: str, kind: str) -> APIError:
     return APIError(400, f"The model '{model}' is a {kind} model; use {route}.", param="model", code="wrong_model_kind")
 
 
-def no_live_worker(model: str) -> APIError:
+def no_live_worker(model: str, waited_s: float | None = None, retry_after_s: int | None = None) -> APIError:
+    waited = f" after waiting {waited_s:.0f} s for one" if waited_s is not None else ""
     return APIError(
         503,
-        f"No live worker serves the model '{model}' right now; start one with `llmq worker --model-path ...`.",
+        f"No live worker serves the model '{model}' right now{waited}; start one with `llmq worker --model-path ...`.",
         type="service_unavailable_error",
         code="no_live_worker",
         param="model",
+        headers={"Retry-After": str(retry_after_s)} if retry_after_s is not None else None,
     )
 
 
@@ -103,6 +105,17 @@ def queue_full(model: str, depth: int, retry_after_s: int) -> APIError:
         f"The queue for '{model}' is full ({depth} jobs waiting); retry after {retry_after_s} s.",
         type="rate_limit_error",
         code="queue_full",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+def max_queue_time_exceeded(model: str, waited_s: float, limit_s: float, retry_after_s: int) -> APIError:
+    return APIError(
+        429,
+        f"The request waited {waited_s:.1f} s in the queue for '{model}', past its max queue time of {limit_s:g} s "
+        f"(x-llmq-max-queue-time, the API key's or the server's default); nothing ran. Retry after {retry_after_s} s.",
+        type="rate_limit_error",
+        code="max_queue_time_exceeded",
         headers={"Retry-After": str(retry_after_s)},
     )
 

@@ -34,5 +34,5 @@ async def ready(request: Request) -> JSONResponse:
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     state = request.app.state
-    body = await state.metrics.render(state.registry, state.redis)
+    body = await state.metrics.render(state.registry, state.redis, [m.name for m in state.settings.models])
     return Response(body, media_type=CONTENT_TYPE_LATEST)

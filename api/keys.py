@@ -8,6 +8,7 @@ unlimited) and from the TOML file ``LLMQ_API_KEYS_FILE``::
     key = "sk-team-a-..."
     requests_per_minute = 60
     tokens_per_minute = 40000
+    max_queue_time_s = 30      # optional: this key's jobs wait at most 30 s for a worker
 
 Logs and ``/metrics`` carry the name, never the key.
 
@@ -45,6 +46,9 @@ class NamedKey(BaseModel):
     key: str = Field(min_length=1, repr=False)
     requests_per_minute: int | None = Field(default=None, ge=1)
     tokens_per_minute: int | None = Field(default=None, ge=1)
+    # How long this key's jobs may wait in a queue unless a request says
+    # (api/jobs/waiting.py); None: the server's LLMQ_MAX_QUEUE_TIME_S.
+    max_queue_time_s: float | None = Field(default=None, gt=0)
 
     @property
     def limited(self) -> bool:

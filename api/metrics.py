@@ -9,13 +9,13 @@ when ``/metrics`` is scraped.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from broker.keys import priority_lists, queue_name
+from broker.keys import batch_queue_name, priority_lists, queue_name
 from broker.registry import Registry
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
@@ -55,6 +55,15 @@ class Metrics:
         self.running = Gauge("llmq:num_requests_running", "Jobs running on workers.", ["model"], registry=r)
         self.waiting = Gauge("llmq:num_requests_waiting", "Jobs waiting in the model's queue.", ["model"], registry=r)
         self.workers = Gauge("llmq:num_workers", "Live workers serving the model.", ["model"], registry=r)
+        self.batch_waiting = Gauge("llmq:num_batch_lines_waiting", "Batch lines waiting in the model's batch queue.",
+                                   ["model"], registry=r)
+        # What an autoscaler needs (deploy/kubernetes/): a list length alone
+        # misses the running jobs and every priority step but one.
+        self.outstanding = Gauge("llmq:num_jobs_outstanding", "Jobs waiting (every priority step of the model's "
+                                 "queue and its batch queue) plus jobs running: the autoscaling signal.", ["model"],
+                                 registry=r)
+        self.expired = Counter("llmq:queue_deadline_expired", "Jobs dropped unrun, still queued past their max "
+                               "queue time (x-llmq-max-queue-time).", ["model"], registry=r)
         # By the key's name (api/keys.py), never the key itself.
         self.key_requests = Counter("llmq:api_key_requests", "Requests by API key name: admitted or rate_limited.",
                                     ["key_name", "outcome"], registry=r)
@@ -101,18 +110,28 @@ class Metrics:
     def observe_error(self, status: int, code: str | None) -> None:
         self.errors.labels(str(status), code or "none").inc()
 
-    async def render(self, registry: Registry, r: aioredis.Redis) -> bytes:
+    async def render(self, registry: Registry, r: aioredis.Redis, declared: Iterable[str] = ()) -> bytes:
+        """``declared``: models that may have no live worker (LLMQ_MODELS);
+        their queues are shown too, which is how an autoscaler sees demand
+        for a model scaled to zero."""
         live = await registry.live_models()
-        for gauge in (self.running, self.waiting, self.workers, self.worker_batch, self.worker_tps, self.worker_step,
-                      self.worker_info):
+        for gauge in (self.running, self.waiting, self.workers, self.batch_waiting, self.outstanding,
+                      self.worker_batch, self.worker_tps, self.worker_step, self.worker_info):
             gauge.clear()  # gone models and workers must not linger
-        for name, model in live.items():
-            self.workers.labels(name).set(len(model.workers))
+        for name in sorted({*live, *declared}):
+            workers = live[name].workers if name in live else []
+            interactive, batch = priority_lists(queue_name(name)), priority_lists(batch_queue_name(name))
             async with r.pipeline(transaction=False) as pipe:
-                for key in priority_lists(queue_name(name)):
+                for key in (*interactive, *batch):
                     pipe.llen(key)
-                self.waiting.labels(name).set(sum(await pipe.execute()))
-            self.running.labels(name).set(sum(m.running for w in model.workers for m in w.models if m.name == name))
+                lengths = await pipe.execute()
+            waiting, batch_waiting = sum(lengths[:len(interactive)]), sum(lengths[len(interactive):])
+            running = sum(m.running for w in workers for m in w.models if m.name == name)
+            self.workers.labels(name).set(len(workers))
+            self.waiting.labels(name).set(waiting)
+            self.batch_waiting.labels(name).set(batch_waiting)
+            self.running.labels(name).set(running)
+            self.outstanding.labels(name).set(waiting + batch_waiting + running)
         for w in await registry.workers():
             self.worker_batch.labels(w.worker_id).set(w.running)
             self.worker_tps.labels(w.worker_id).set(w.tokens_per_s)

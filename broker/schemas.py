@@ -129,6 +129,14 @@ class Job(Strict):
     events_stream: str | None = Field(
         default=None, description="a Redis stream the worker also appends each event to (XADD, entry field "
         "'event'), so a client can resume from any API process (/v1/responses)")
+    max_queue_s: float | None = Field(
+        default=None, gt=0, description="how long the job may wait in its queue from submitted_at; past it, it is "
+        "dropped before any engine work (x-llmq-max-queue-time, a key's or the server's default; a batch line: "
+        "its batch's window)")
+
+    def queue_deadline(self) -> float | None:
+        """Epoch seconds after which the job, if still queued, is dropped."""
+        return None if self.max_queue_s is None else self.submitted_at + self.max_queue_s
 
     def summary(self) -> dict[str, object]:
         """What Flower may show about this job: never the prompt text."""
@@ -301,6 +309,17 @@ class ModelInfo(Strict):
     context_length: int
     kind: ModelKind
     running: int = Field(default=0, description="this model's jobs running on the worker")
+    jobs_per_s: float = Field(default=0.0, description="jobs of this model the worker finished per second "
+                              "(10 s window): its share of the queue's drain rate")
+
+
+class DeclaredModel(Strict):
+    """A model the operator says exists even while no worker serves it
+    (``LLMQ_MODELS``): its requests may wait for a worker to start."""
+
+    name: str = Field(min_length=1)
+    kind: ModelKind = "chat"
+    context_length: int = Field(gt=0)
 
 
 class Heartbeat(Strict):

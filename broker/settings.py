@@ -7,11 +7,14 @@ object at import time: entry points build one and pass it down.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from broker.schemas import DeclaredModel
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -31,7 +34,23 @@ class Settings(BaseSettings):
     registry_cache_s: float = Field(default=1.0, ge=0)
 
     max_queue_depth: int = Field(default=256, ge=1, description="jobs waiting per model before 429")
+    # Retry-After on a 429 for a full queue or a missed queue deadline: the
+    # model's queue depth over its workers' drain rate (jobs/s, from their
+    # heartbeats), within [retry_after_s, max_retry_after_s]; retry_after_s
+    # alone while no drain rate is known.
     retry_after_s: int = Field(default=2, ge=1)
+    max_retry_after_s: int = Field(default=60, ge=1)
+    # How long a job may wait in its queue before it is dropped unrun (a 429
+    # max_queue_time_exceeded): the default for requests without the
+    # x-llmq-max-queue-time header and for keys with no default of their own
+    # (api/keys.py). None: until first_event_timeout_s.
+    max_queue_time_s: float | None = Field(default=None, gt=0)
+    # Models that may have no live worker (scale from zero): a JSON list of
+    # {"name", "kind", "context_length"} objects, or the path of a file of it.
+    # Their requests wait up to wait_for_worker_s for a worker to start
+    # (0: answered 503 no_live_worker at once, as for any model).
+    models: Annotated[list[DeclaredModel], NoDecode] = Field(default_factory=list)
+    wait_for_worker_s: float = Field(default=0.0, ge=0)
     # Per-job keys in Redis, each with a TTL so that their count stays flat
     # under any load: a cancel mark outlives the longest a job may wait in its
     # queue (first_event_timeout_s); a claim lasts while its job runs, then
@@ -93,6 +112,17 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _json_or_file(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value if value.lstrip().startswith("[") else Path(value).read_text()
+            return json.loads(text)
+        return value
+
+    def declared(self, model: str) -> DeclaredModel | None:
+        return next((m for m in self.models if m.name == model), None)
 
     def heartbeat_ttl_ms(self) -> int:
         return int(self.heartbeat_ttl_s * 1000)

@@ -107,7 +107,8 @@ def start_worker(env: dict[str, str], name: str, model_names: str = DEMO_MODEL, 
 
 
 def served_models(base: str) -> list[str]:
-    return [m["id"] for m in httpx.get(f"{base}/v1/models", timeout=5).json()["data"]]
+    """Models with a live worker (declared ones without one are listed with 0)."""
+    return [m["id"] for m in httpx.get(f"{base}/v1/models", timeout=5).json()["data"] if m["workers"]]
 
 
 def wait_model(base: str, model: str, proc: Proc, timeout_s: float = 120) -> None:

@@ -5,11 +5,12 @@ queue bound, so the API needs no write of its own for a job that started."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import redis
 import redis.asyncio as aioredis
 
-from broker.control import Claim, admit, claim
+from broker.control import Claim, admit, claim, give_up_queued
 from broker.keys import Keys
 
 
@@ -33,3 +34,22 @@ def test_a_claim_runs_a_job_once_and_takes_it_off_the_queue_bound(redis_url: str
     assert claim(r, keys, "m", "j1", "w2", 600) is Claim.TAKEN_OVER  # its claimer is gone, and it never started
     r.set(keys.started("j1"), "1")
     assert claim(r, keys, "m", "j1", "w3", 600) is Claim.HELD  # started: never again
+
+
+def test_a_job_past_its_deadline_is_claimed_by_nobody(redis_url: str) -> None:
+    """The worker that finds a job late and the API that gives up on it
+    agree through one mark: whichever comes first, the other sees it."""
+    keys = Keys("llmq:")
+    r = redis.Redis.from_url(redis_url)
+    past, future = time.time() - 1, time.time() + 60
+
+    assert claim(r, keys, "m", "late", "w1", 600, past) is Claim.EXPIRED
+    assert claim(r, keys, "m", "late", "w2", 600, future) is Claim.EXPIRED  # a copy finds the mark
+    assert asyncio.run(give_up_queued(aioredis.Redis.from_url(redis_url), keys, "m", "late", 600))  # agrees
+
+    assert asyncio.run(give_up_queued(aioredis.Redis.from_url(redis_url), keys, "m", "given-up", 600))
+    assert claim(r, keys, "m", "given-up", "w1", 600, future) is Claim.EXPIRED  # the API was first
+
+    assert claim(r, keys, "m", "in-time", "w1", 600, future) is Claim.NEW
+    assert not asyncio.run(give_up_queued(aioredis.Redis.from_url(redis_url), keys, "m", "in-time", 600))
+    assert r.get(keys.claim("in-time")) == b"w1"  # it runs; the API waits for it

@@ -18,7 +18,7 @@ from celery.exceptions import Reject
 from broker import __version__
 from broker.connections import sync_redis
 from broker import batches
-from broker.control import Claim, claim, is_cancelled, linger, release, started_mark
+from broker.control import MAX_QUEUE_TIME_EXCEEDED, Claim, claim, is_cancelled, linger, release, started_mark
 from broker.keys import Keys, batch_queue_name, queue_name
 from broker.schemas import Delta, Embeddings, Error, Heartbeat, Job, LineResult, ModelInfo, Started, TokenCount
 from broker.settings import Settings
@@ -95,7 +95,7 @@ class Runtime:
             engine=self.options.engine,
             models=[
                 ModelInfo(name=name, queue=queue_name(name), context_length=e.context_length, kind="chat",
-                          running=e.emitter.running_for(name))
+                          running=e.emitter.running_for(name), jobs_per_s=round(e.emitter.jobs_per_s(), 3))
                 for name, e in self.engines.items()
             ] + [
                 ModelInfo(name=name, queue=queue_name(name), context_length=m.context_length, kind="embedding")
@@ -223,7 +223,16 @@ class Runtime:
         if is_cancelled(self.redis, self.keys, jid):
             log.info("job %s: cancelled while queued, skipped", jid)
             return {"job_id": jid, "status": "cancelled_in_queue"}
-        got = claim(self.redis, self.keys, job.model, jid, self.worker_id, self.settings.claim_ttl_s)
+        # A batch line's window is checked by _run_line, which stores it as skipped.
+        deadline = job.queue_deadline() if job.batch is None else None
+        got = claim(self.redis, self.keys, job.model, jid, self.worker_id, self.settings.claim_ttl_s, deadline)
+        if got is Claim.EXPIRED:
+            # Celery drops a message already expired when it arrives (Flower:
+            # revoked); this one expired between its arrival and its claim, or
+            # the API gave up on it at its deadline.
+            return self._fail(job, 429, MAX_QUEUE_TIME_EXCEEDED, None,
+                              f"The job waited {time.time() - job.submitted_at:.1f} s in the queue, past its max "
+                              f"queue time of {job.max_queue_s or 0:.1f} s; nothing ran.")
         if got is Claim.HELD:
             log.warning("job %s: delivered again but claimed by a live worker or already started, skipped", jid)
             return {"job_id": jid, "status": "duplicate"}

@@ -38,6 +38,7 @@ from api.errors import ERROR_RESPONSES, validation_error
 from api.jobs.hangup import CancelOnHangUp
 from api.jobs.interactive import RunningJob, new_job_id
 from api.jobs.lifecycle import JOB_ID_HEADER
+from api.jobs.waiting import max_queue_s
 from api.keys import NamedKey
 from api.sse import TokenStream
 from broker.schemas import Job
@@ -53,7 +54,9 @@ def _key(request: Request) -> NamedKey | None:
 
 
 @router.get("/models")
-async def list_models(registry: RegistryDep) -> ModelList:
+async def list_models(registry: RegistryDep, request: Request) -> ModelList:
+    """Models with a live worker, and the declared ones (LLMQ_MODELS) that
+    have none now: their requests wait for a worker to start."""
     live = await registry.live_models()
     cards = [
         ModelCard(
@@ -66,15 +69,20 @@ async def list_models(registry: RegistryDep) -> ModelList:
         )
         for name, m in live.items()
     ]
+    cards += [ModelCard(id=m.name, created=0, kind=m.kind, context_length=m.context_length, workers=0, capacity=0)
+              for m in request.app.state.settings.models if m.name not in live]
     return ModelList(data=cards)
 
 
-def _job(body: ChatCompletionRequest | CompletionRequest | EmbeddingRequest, id_prefix: str) -> Job:
-    """The job a request asks for, as batch lines build it too (``api/batches/lines.py``)."""
+def _job(body: ChatCompletionRequest | CompletionRequest | EmbeddingRequest, id_prefix: str,
+         request: Request) -> Job:
+    """The job a request asks for, as batch lines build it too (``api/batches/lines.py``),
+    with how long it may wait in the queue (``api/jobs/waiting.py``)."""
     fields = {"kind": "embedding", "inputs": body.inputs()} if isinstance(body, EmbeddingRequest) else body.job_fields()
+    wait = max_queue_s(request.headers, _key(request), request.app.state.settings)
     try:
         return Job(job_id=new_job_id(id_prefix), model=body.model, **fields, reply_channel="",
-                   submitted_at=time.time())
+                   submitted_at=time.time(), max_queue_s=wait)
     except ValidationError as exc:  # a value the request model let through and the job's does not
         raise validation_error(exc.errors()) from None
 
@@ -92,7 +100,7 @@ async def _answer(run: RunningJob, shape: Shape, stream_it: bool, include_usage:
 @router.post("/chat/completions", response_model=ChatCompletion)
 async def chat_completions(body: ChatCompletionRequest, jobs: InteractiveDep, request: Request) -> Any:
     body.check_limits(request.app.state.settings)
-    job = _job(body, "chatcmpl")
+    job = _job(body, "chatcmpl", request)
     async with CancelOnHangUp(request.receive):  # a job left in the queue is skipped
         run = await jobs.submit(job, api_key=_key(request))
     return await _answer(run, ChatShape(), body.stream, body.include_usage, request)
@@ -100,7 +108,7 @@ async def chat_completions(body: ChatCompletionRequest, jobs: InteractiveDep, re
 
 @router.post("/completions", response_model=Completion)
 async def completions(body: CompletionRequest, jobs: InteractiveDep, request: Request) -> Any:
-    job = _job(body, "cmpl")
+    job = _job(body, "cmpl", request)
     async with CancelOnHangUp(request.receive):  # a job left in the queue is skipped
         run = await jobs.submit(job, api_key=_key(request))
     return await _answer(run, CompletionShape(), body.stream, body.include_usage, request)
@@ -108,7 +116,7 @@ async def completions(body: CompletionRequest, jobs: InteractiveDep, request: Re
 
 @router.post("/embeddings")
 async def embeddings(body: EmbeddingRequest, jobs: InteractiveDep, request: Request) -> EmbeddingList:
-    result = await jobs.embed(_job(body, "embd"), api_key=_key(request))
+    result = await jobs.embed(_job(body, "embd", request), api_key=_key(request))
     if body.encoding_format == "base64":
         vectors: list[list[float] | str] = list(result.vectors)  # already little-endian float32, as OpenAI sends
     else:

@@ -17,6 +17,7 @@ from api.jobs.lifecycle import Jobs, not_started, watch
 from api.jobs.replies import AnyEvent, Mailbox, ReplyRouter, Ticker, next_event
 from api.keys import NamedKey
 from api.metrics import JobFigures, Metrics
+from broker.control import MAX_QUEUE_TIME_EXCEEDED
 from broker.schemas import Delta, Done, Embeddings, Error, Job, Started, TokenCount
 
 log = logging.getLogger("llmq.api.jobs")
@@ -268,12 +269,15 @@ class Interactive:
         claim takes the job off the queue bound (``broker/control.py``), so
         only a job that fails here, or whose first event was made here (the
         reply channel lost), is taken off by the API."""
-        await self.jobs.admit(job.model, "embedding" if job.kind == "embedding" else "chat", job.job_id)
+        has_worker = await self.jobs.admit(job.model, "embedding" if job.kind == "embedding" else "chat",
+                                           job.job_id)
         claimed = False
         try:
             q = self._router.open(job.job_id)  # refused while the reply channel is lost (api/jobs/replies.py)
             await self.jobs.send(job)
-            ev = await self._first_event(q, job.job_id)
+            ev = await self._first_event(q, job, has_worker)
+            if isinstance(ev, Error) and ev.code == MAX_QUEUE_TIME_EXCEEDED:  # the worker found it expired
+                raise await self.jobs.expired(job)
             claimed = not isinstance(ev, Error)
             return q, ev
         except BaseException:
@@ -283,15 +287,37 @@ class Interactive:
             if not claimed:
                 await self.jobs.leave_queue(job.model, job.job_id)
 
-    async def _first_event(self, q: Mailbox, job_id: str) -> AnyEvent:
-        """The first event of ``job_id`` (a shared mailbox may still hold an
-        earlier attempt's). Raises 504 if none comes in time."""
-        deadline = time.monotonic() + self.settings.first_event_timeout_s
-        while (left := deadline - time.monotonic()) > 0:
-            ev = await next_event(q, left)
-            if ev is not None and ev.job_id == job_id:
-                return ev
-        raise not_started(self.settings, "job").error()
+    async def _first_event(self, q: Mailbox, job: Job, has_worker: bool = True) -> AnyEvent:
+        """The first event of ``job`` (a shared mailbox may still hold an
+        earlier attempt's). Still queued at its deadline, it is given up
+        (429); a job admitted for a declared model with no live worker is
+        given up if none came within ``wait_for_worker_s`` (503); a 504 if
+        nothing came at all in ``first_event_timeout_s``. A job a worker
+        claimed before either is waited for."""
+        now = time.monotonic()
+        give_up_at = now + self.settings.first_event_timeout_s
+        deadline = job.queue_deadline()
+        expire_at = None if deadline is None else now + deadline - time.time()
+        worker_by = None if has_worker else now + self.settings.wait_for_worker_s
+        while True:
+            now = time.monotonic()
+            due = min(t for t in (give_up_at, expire_at, worker_by) if t is not None)
+            if due > now:
+                ev = await next_event(q, due - now)
+                if ev is not None and ev.job_id == job.job_id:
+                    return ev
+                continue
+            error: APIError | None
+            if expire_at is not None and now >= expire_at:
+                expire_at, error = None, await self.jobs.give_up(job)
+            elif worker_by is not None and now >= worker_by:
+                worker_by = None
+                live = job.model in await self.jobs.registry.live_models()
+                error = None if live else await self.jobs.no_worker_came(job)
+            else:
+                raise not_started(self.settings, "job").error()
+            if error is not None:
+                raise error
 
     async def resubmit(self, job: Job, q: Mailbox, attempt: int) -> tuple[Job, Started]:
         """Send ``job`` again as its ``attempt``-th resubmission, its events into the same mailbox."""
@@ -299,7 +325,7 @@ class Interactive:
         again = self.jobs.next_attempt(job, attempt)
         self._router.attach(again.job_id, q)
         await self.jobs.send(again)
-        ev = await self._first_event(q, again.job_id)
+        ev = await self._first_event(q, again)
         if isinstance(ev, Started):
             return again, ev
         raise self._unexpected(ev)

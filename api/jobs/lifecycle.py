@@ -28,16 +28,25 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
 from celery import Celery
 from redis.exceptions import RedisError
 
-from api.errors import APIError, model_not_found, no_live_worker, queue_full, wrong_model_kind
+from api.errors import (
+    APIError,
+    max_queue_time_exceeded,
+    model_not_found,
+    no_live_worker,
+    queue_full,
+    wrong_model_kind,
+)
+from api.jobs.waiting import retry_after_s
 from api.keys import NamedKey, RateLimiter
 from api.metrics import Metrics
 from broker.celery_app import GENERATE_TASK
-from broker.control import admit, leave_waiting, request_cancel
+from broker.control import admit, give_up_queued, leave_waiting, request_cancel
 from broker.keys import Keys, batch_queue_name, queue_name
 from broker.registry import Registry
 from broker.schemas import Job, ModelInfo
@@ -120,12 +129,17 @@ def check_kind(model: str, info: ModelInfo | None, kind: str) -> None:
 
 def _send_job(celery: Celery, job: Job) -> None:
     """One Celery message at the job's priority (blocking: call it off the event loop)."""
+    # Past its deadline (a batch line: its batch's window) Celery drops the
+    # message as it arrives at a worker, before any engine work, and Flower
+    # shows the task as revoked (the worker's claim checks it again).
+    deadline = job.batch.expires_at if job.batch is not None else job.queue_deadline()
     celery.send_task(
         GENERATE_TASK,
         kwargs={"job": job.model_dump(mode="json")},
         queue=batch_queue_name(job.model) if job.batch is not None else queue_name(job.model),
         task_id=job.job_id,
         priority=job.priority,
+        expires=None if deadline is None else datetime.fromtimestamp(deadline, UTC),
         # No result backend: results travel over the job's reply channel.
         ignore_result=True,
         # Flower shows this instead of the arguments: never the prompt.
@@ -152,18 +166,61 @@ class Jobs:
 
     # ------------------------------------------------------------- admit
 
-    async def admit(self, model: str, kind: str, job_id: str) -> None:
-        """A live worker serves ``model`` as ``kind``, and its queue takes
-        ``job_id`` (the queue bound: counted atomically in Redis, across API
-        processes, until ``release``). Raises the APIError to answer."""
+    async def admit(self, model: str, kind: str, job_id: str) -> bool:
+        """A live worker serves ``model`` as ``kind`` (or it is declared and
+        may wait for one: False), and its queue takes ``job_id`` (the queue
+        bound: counted atomically in Redis, across API processes, until
+        ``release``). Raises the APIError to answer."""
         live = (await self.registry.live_models()).get(model)
-        if live is None:
-            raise no_live_worker(model) if await self.registry.ever_served(model) else model_not_found(model)
-        check_kind(model, live.info, kind)
+        if live is not None:
+            check_kind(model, live.info, kind)
+        else:
+            declared = self.settings.declared(model)
+            if declared is None or self.settings.wait_for_worker_s <= 0:
+                known = declared is not None or await self.registry.ever_served(model)
+                raise no_live_worker(model) if known else model_not_found(model)
+            if declared.kind != kind:
+                raise wrong_model_kind(model, declared.kind)
         bound = self.settings.max_queue_depth
         admitted = await admit(self._redis, self._keys, model, job_id, bound, self.settings.first_event_timeout_s)
         if admitted < 0:
-            raise queue_full(model, -admitted, self.settings.retry_after_s)
+            raise queue_full(model, -admitted, await self.retry_after(model, -admitted))
+        return live is not None
+
+    async def retry_after(self, model: str, waiting: int | None = None) -> int:
+        """When a client refused for ``model`` should come back: its queue's
+        depth over its live workers' drain rate (``api/jobs/waiting.py``)."""
+        if waiting is None:
+            waiting = int(await self._redis.zcard(self._keys.waiting(model)))
+        live = (await self.registry.live_models()).get(model)
+        drain = 0.0 if live is None else sum(m.jobs_per_s for w in live.workers for m in w.models if m.name == model)
+        return retry_after_s(waiting, drain, self.settings)
+
+    async def give_up(self, job: Job) -> APIError | None:
+        """``job`` is past its queue deadline: drop it unless a worker claimed
+        it first. The error to answer, or None if it runs after all."""
+        if not await give_up_queued(self._redis, self._keys, job.model, job.job_id, self.settings.cancel_ttl_s):
+            return None
+        return await self.expired(job)
+
+    async def no_worker_came(self, job: Job) -> APIError | None:
+        """``job``, for a declared model with no live worker, waited
+        ``wait_for_worker_s`` and none came: drop it unless one claimed it
+        just now. Retry-After is the longest: a worker's start is unknown."""
+        if not await give_up_queued(self._redis, self._keys, job.model, job.job_id, self.settings.cancel_ttl_s):
+            return None
+        waited = time.time() - job.submitted_at
+        log.warning("job %s: no worker for %s came in %.1f s (LLMQ_WAIT_FOR_WORKER_S); dropped unrun", job.job_id,
+                    job.model, waited)
+        return no_live_worker(job.model, waited, self.settings.max_retry_after_s)
+
+    async def expired(self, job: Job) -> APIError:
+        """The answer for a job dropped past its queue deadline (here or by a worker), counted."""
+        waited = time.time() - job.submitted_at
+        self.metrics.expired.labels(job.model).inc()
+        log.warning("job %s: still queued for %s after %.1f s, past its max queue time of %g s; dropped unrun",
+                    job.job_id, job.model, waited, job.max_queue_s or 0)
+        return max_queue_time_exceeded(job.model, waited, job.max_queue_s or 0, await self.retry_after(job.model))
 
     # -------------------------------------------------------------- send
 

@@ -84,6 +84,7 @@ class Emitter:
         self._live: dict[str, Choice] = {}  # request id -> choice
         self._seq = Sequencer()
         self._recent: deque[tuple[float, int]] = deque()
+        self._finished: deque[float] = deque()  # when each job ended (monotonic): the drain rate
 
     # ----------------------------------------------------------- bookkeeping
 
@@ -122,6 +123,15 @@ class Emitter:
                 self._recent.popleft()
             return sum(n for _, n in self._recent) / THROUGHPUT_WINDOW_S
 
+    def jobs_per_s(self) -> float:
+        """Jobs ended per second over the last window: what the API's
+        ``Retry-After`` divides a queue's depth by."""
+        now = time.monotonic()
+        with self._lock:
+            while self._finished and now - self._finished[0] > THROUGHPUT_WINDOW_S:
+                self._finished.popleft()
+            return len(self._finished) / THROUGHPUT_WINDOW_S
+
     def end(self, choice: Choice, reason: FinishReason) -> None:
         """The choice is over: no event of it follows; its waiter wakes."""
         with self._lock:
@@ -129,6 +139,7 @@ class Emitter:
             self._held.pop(choice.request_id, None)
             if not any(c.job.job_id == choice.job.job_id for c in self._live.values()):
                 self._seq.forget(choice.job.job_id)
+                self._finished.append(time.monotonic())
         if choice.finish_reason is None:
             choice.finish_reason = reason
         choice.ended.set()
