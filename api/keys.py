@@ -9,6 +9,7 @@ unlimited) and from the TOML file ``LLMQ_API_KEYS_FILE``::
     requests_per_minute = 60
     tokens_per_minute = 40000
     max_queue_time_s = 30      # optional: this key's jobs wait at most 30 s for a worker
+    weight = 2                 # optional: twice a default key's share of tokens when both wait
 
 Logs and ``/metrics`` carry the name, never the key.
 
@@ -49,6 +50,8 @@ class NamedKey(BaseModel):
     # How long this key's jobs may wait in a queue unless a request says
     # (api/jobs/waiting.py); None: the server's LLMQ_MAX_QUEUE_TIME_S.
     max_queue_time_s: float | None = Field(default=None, gt=0)
+    # Its share of a model's tokens against other keys waiting (broker/fairness.py).
+    weight: float = Field(default=1.0, gt=0)
 
     @property
     def limited(self) -> bool:

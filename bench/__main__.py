@@ -1,4 +1,4 @@
-"""``python -m bench {http,baseline,compare,constrained,profile,turns,soak,priority,capacity}``: see ``--help`` of each."""
+"""``python -m bench {http,baseline,compare,constrained,profile,turns,soak,priority,capacity,fairness}``: see ``--help`` of each."""
 
 from __future__ import annotations
 
@@ -115,7 +115,34 @@ def parser() -> argparse.ArgumentParser:
     ca.add_argument("--worker-args", default="", help="more options for every worker, written with '=': --worker-args='--stream-interval 4'")
     ca.add_argument("--logs", type=Path, default=None, help="where the processes' logs go (default: a temp dir)")
     ca.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures here")
+    fa = sub.add_parser("fairness", help="a key with few clients beside one that floods the model: fair share "
+                                         "against first come, first served, on synthetic workers")
+    fa.add_argument("--a-streams", type=int, default=32, help="key A's closed-loop streams")
+    fa.add_argument("--b-streams", type=int, default=2, help="key B's closed-loop streams")
+    fa.add_argument("--a-tokens", type=int, default=256, help="tokens of each of key A's answers")
+    fa.add_argument("--b-tokens", type=int, default=32, help="tokens of each of key B's answers")
+    fa.add_argument("--spread", type=float, default=0.5, help="each answer asks for its tokens x (1 +- this)")
+    fa.add_argument("--threads", type=int, default=16, help="the synthetic worker's threads (batch rows)")
+    fa.add_argument("--step-ms", type=float, default=20.0, help="the synthetic engine's step time")
+    fa.add_argument("--seconds", type=float, default=30.0, help="each of the four phases")
+    fa.add_argument("--logs", type=Path, default=None, help="where the processes' logs go (default: a temp dir)")
+    fa.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures here")
     return ap
+
+
+def _fairness(a: argparse.Namespace) -> int:
+    from bench.fairness import FairnessConfig, report, run
+
+    cfg = FairnessConfig(a_streams=a.a_streams, b_streams=a.b_streams, threads=a.threads, a_tokens=a.a_tokens,
+                         b_tokens=a.b_tokens, spread=a.spread, step_ms=a.step_ms, seconds=a.seconds, logs=a.logs)
+    load_start = os.getloadavg()
+    result = run(cfg)
+    report(cfg, result)
+    result.update(loadavg_start=load_start, loadavg_end=os.getloadavg(), cpu_count=os.cpu_count())
+    print(f"load average (1 min) at start {load_start[0]:.2f}, at end {result['loadavg_end'][0]:.2f}; "
+          f"{os.cpu_count()} CPUs")
+    _write_json(a.json, result)
+    return 1 if any(p["errors"] for p in result["policies"].values()) else 0
 
 
 def _capacity(a: argparse.Namespace) -> int:
@@ -221,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         return _priority(a)
     if a.cmd == "capacity":
         return _capacity(a)
+    if a.cmd == "fairness":
+        return _fairness(a)
     # On a shared host other load skews every figure; record it so a reader can tell.
     load_start = os.getloadavg()
     runs: list[Figures] = []

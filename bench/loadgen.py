@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -79,7 +80,8 @@ class _Response:
         self.done = True
 
 
-async def _client(host: str, port: int, request: bytes, deadline: float, out: list[Result]) -> None:
+async def _client(host: str, port: int, requests: list[bytes], deadline: float, out: list[Result],
+                  rng: random.Random) -> None:
     reader: asyncio.StreamReader | None = None
     writer: asyncio.StreamWriter | None = None
     while time.perf_counter() < deadline:
@@ -88,7 +90,7 @@ async def _client(host: str, port: int, request: bytes, deadline: float, out: li
         assert reader is not None
         result = Result(t_send=time.perf_counter())
         response = _Response(result)
-        writer.write(request)
+        writer.write(requests[rng.randrange(len(requests))] if len(requests) > 1 else requests[0])
         try:
             while not response.done:
                 data = await reader.read(65536)
@@ -133,13 +135,26 @@ class LoadFigures:
     error_kinds: dict[str, int]
 
 
+def lengths(max_tokens: int, spread: float) -> list[int]:
+    """The answer lengths asked for: ``max_tokens``, or nine spaced evenly
+    over ``max_tokens`` x (1 +- ``spread``), drawn at random per request, so
+    that closed-loop clients do not all end and restart on the same step."""
+    if spread <= 0:
+        return [max_tokens]
+    return sorted({max(1, round(max_tokens * (1 - spread + 2 * spread * i / 8))) for i in range(9)})
+
+
 async def run(urls: list[str], model: str, streams: int, seconds: float, max_tokens: int,
-              api_key: str | None = None) -> LoadFigures:
-    requests = [request_bytes(u, model, max_tokens, api_key) for u in urls]
+              api_key: str | None = None, spread: float = 0.0) -> LoadFigures:
+    targets = []
+    for u in urls:
+        built = [request_bytes(u, model, n, api_key) for n in lengths(max_tokens, spread)]
+        targets.append((built[0][0], built[0][1], [b for _, _, b in built]))
     out: list[Result] = []
     started = time.perf_counter()
     deadline = started + seconds
-    await asyncio.gather(*(_client(*requests[i % len(requests)], deadline, out) for i in range(streams)))
+    await asyncio.gather(*(_client(*targets[i % len(targets)], deadline, out, random.Random(i))
+                           for i in range(streams)))
     wall = time.perf_counter() - started
     good = [r for r in out if r.error is None]
     tokens = sum(r.completion_tokens for r in good)
@@ -162,12 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", type=int, default=64, help="concurrent closed-loop streams")
     ap.add_argument("--seconds", type=float, default=20.0, help="no request starts after this")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-tokens-spread", type=float, default=0.0, metavar="F",
+                    help="each request asks for max_tokens x (1 +- F), at random (0: all alike)")
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--json", type=Path, default=None, metavar="PATH")
     args = ap.parse_args(argv)
     import uvloop
 
-    figures = uvloop.run(run(args.url, args.model, args.streams, args.seconds, args.max_tokens, args.api_key))
+    figures = uvloop.run(run(args.url, args.model, args.streams, args.seconds, args.max_tokens, args.api_key,
+                             args.max_tokens_spread))
     text = json.dumps(asdict(figures))
     if args.json is not None:
         args.json.write_text(text)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from celery import Celery
 
 from broker.connections import celery_broker
-from broker.transport import transport_name
+from broker.transport import KEY_PREFIX_OPTION, transport_name
 from broker.settings import Settings
 
 GENERATE_TASK = "llmq.generate"
@@ -51,7 +51,9 @@ def make_celery(settings: Settings, main: str = "llmq") -> Celery:
         # transaction never puts a message back twice).
         broker_transport_options={
             "visibility_timeout": settings.heartbeat_ttl_s,
-            "unacked_mutex_expire": settings.heartbeat_interval_s, **transport},
+            "unacked_mutex_expire": settings.heartbeat_interval_s,
+            # Where fair share keeps its lists (broker/transport.py, broker/fairness.py).
+            KEY_PREFIX_OPTION: settings.key_prefix, **transport},
         broker_connection_retry_on_startup=True,
         # Flower shows each job as a task.
         worker_send_task_events=True,

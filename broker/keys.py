@@ -130,3 +130,22 @@ class Keys:
 
     def started(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}:started"
+
+    # Fair share (broker/fairness.py), per kombu list (a model's queue at one
+    # priority step): each tenant's own list of waiting messages, the tenants
+    # waiting (sorted by counter), every tenant's counter, and the counter of
+    # the last one served.
+    def fair_tenant(self, list_name: str, tenant: str) -> str:
+        return f"{self.prefix}fair:{list_name}:t:{tenant}"
+
+    def fair_waiting(self, list_name: str) -> str:
+        return f"{self.prefix}fair:{list_name}:waiting"
+
+    def fair_counters(self, list_name: str) -> str:
+        return f"{self.prefix}fair:{list_name}:counters"
+
+    def fair_served(self, list_name: str) -> str:
+        return f"{self.prefix}fair:{list_name}:served"
+
+    def fair_pattern(self, list_name: str) -> str:
+        return f"{self.prefix}fair:{list_name}:*"

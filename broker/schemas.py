@@ -105,6 +105,14 @@ class BatchLine(Strict):
     expires_at: float = Field(description="epoch seconds: a line not started by then is not run")
 
 
+class Share(Strict):
+    """Whose job this is, for fair share between API keys (``broker/fairness.py``)."""
+
+    tenant: str = Field(description="the API key's name, or 'anonymous'")
+    weight: float = Field(default=1.0, gt=0)
+    estimate: int = Field(ge=0, description="tokens charged when the job is taken, settled at its end")
+
+
 class Job(Strict):
     v: int = SCHEMA_VERSION
     job_id: str
@@ -129,6 +137,7 @@ class Job(Strict):
     events_stream: str | None = Field(
         default=None, description="a Redis stream the worker also appends each event to (XADD, entry field "
         "'event'), so a client can resume from any API process (/v1/responses)")
+    share: Share | None = Field(default=None, description="fair share: None, first come first served")
     max_queue_s: float | None = Field(
         default=None, gt=0, description="how long the job may wait in its queue from submitted_at; past it, it is "
         "dropped before any engine work (x-llmq-max-queue-time, a key's or the server's default; a batch line: "

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     # {"name", "kind", "context_length"} objects, or the path of a file of it.
     # Their requests wait up to wait_for_worker_s for a worker to start
     # (0: answered 503 no_live_worker at once, as for any model).
+    # Fair share between API keys within a model's queue and priority step
+    # (broker/fairness.py); off: first come, first served.
+    fair_share: bool = True
     models: Annotated[list[DeclaredModel], NoDecode] = Field(default_factory=list)
     wait_for_worker_s: float = Field(default=0.0, ge=0)
     # Per-job keys in Redis, each with a TTL so that their count stays flat

@@ -264,3 +264,21 @@ def test_the_closed_loop_client_reads_streams_and_counts_with_its_own_tokenizer(
     assert (result.requests, result.errors) == (6, 1)  # the warm-up is the first call, not counted
     assert result.output_tokens == 5 * 3 and result.tokens_per_answer == 3.0  # "Paris is it." is 3 words
     assert result.ttft_p50_s > 0 and result.tokens_per_s > 0
+
+
+def test_fairness_judges_each_policy_against_b_alone_and_a_alone() -> None:
+    from bench.fairness import judge
+    from bench.loadgen import lengths
+
+    def load(tps: float, ttft: float | None = 0.04, errors: int = 0) -> dict[str, object]:
+        return {"tokens_per_s": tps, "ttft_p50_s": ttft, "errors": errors}
+
+    phases = {"b_alone": {"b": load(100.0, 0.04)}, "a_alone": {"a": load(800.0)},
+              "fair": {"a": load(700.0), "b": load(90.0, 0.05)}, "fcfs": {"a": load(790.0), "b": load(9.0, 6.0, 1)}}
+    fair, fcfs = judge(phases, "fair"), judge(phases, "fcfs")
+    assert fair["b_ttft_ratio"] == pytest.approx(1.25) and fair["b_share_ratio"] == pytest.approx(0.9)
+    assert fair["throughput_ratio"] == pytest.approx(790 / 800) and fair["errors"] == 0
+    # B's fair share is the smaller of its own demand and half of the total.
+    assert fcfs["b_fair_share_tokens_per_s"] == 100.0 and fcfs["b_share_ratio"] == pytest.approx(0.09)
+    assert fcfs["errors"] == 1
+    assert lengths(64, 0) == [64] and lengths(100, 0.5) == [50, 62, 75, 88, 100, 112, 125, 138, 150]

@@ -7,7 +7,11 @@ the versions that pass here.
   a re-scored one is never put back, one nobody re-scores is put back after
   the visibility timeout.
 - ``broker/transport.py``: kombu's Redis channel builds every client it
-  sends a command with in ``Channel._create_client``.
+  sends a command with in ``Channel._create_client``; it writes a message
+  with ``_put``, reads one with ``_brpop_read`` (a consumer) or ``_get``
+  (``basic_get``) and purges with ``_purge``, as llmq's fair share replaces
+  them (``_brpop_read`` and ``_get`` are kombu's own with a ticket turned
+  into its message: their source is pinned).
 - ``worker/tasks.py``: Celery sends ``task_received`` for each message taken,
   calls the request's ``acknowledge``/``reject`` on the task's thread once it
   has freed the thread, and a task that raises ``Reject(requeue=True)`` has
@@ -15,6 +19,7 @@ the versions that pass here.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import threading
 import time
@@ -228,3 +233,21 @@ def test_a_channel_sends_every_command_with_one_client_per_pool(redis_url: str) 
         with channel.conn_or_acquire() as client:
             assert client is not made[0] and len(made) == 2
         channel.close()
+
+
+def test_the_channel_methods_fair_share_replaces_are_kombus_as_tested() -> None:
+    """``broker/transport.py`` replaces these. If kombu changes them, read
+    its new ``_brpop_read`` and ``_get`` against llmq's copies, then update
+    the figures here (tests/test_fairness.py runs the replacements)."""
+    pinned = {
+        "_put": (["self", "queue", "message", "kwargs"], None),
+        "_purge": (["self", "queue"], None),
+        "_brpop_read": (["self", "options"], "9a9f7f5a6ad96f48"),
+        "_get": (["self", "queue"], "c4e7625e2948a012"),
+    }
+    for name, (params, source_hash) in pinned.items():
+        method = getattr(kombu_redis.Channel, name)
+        assert list(inspect.signature(method).parameters) == params, name
+        if source_hash is not None:
+            assert hashlib.sha256(inspect.getsource(method).encode()).hexdigest()[:16] == source_hash, name
+

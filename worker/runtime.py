@@ -15,9 +15,8 @@ from collections.abc import Sequence
 import redis
 from celery.exceptions import Reject
 
-from broker import __version__
+from broker import __version__, batches, fairness
 from broker.connections import sync_redis
-from broker import batches
 from broker.control import MAX_QUEUE_TIME_EXCEEDED, Claim, claim, is_cancelled, linger, release, started_mark
 from broker.keys import Keys, batch_queue_name, queue_name
 from broker.schemas import Delta, Embeddings, Error, Heartbeat, Job, LineResult, ModelInfo, Started, TokenCount
@@ -239,12 +238,24 @@ class Runtime:
         if got is Claim.TAKEN_OVER:
             log.warning("job %s: its worker died before starting it; running it here", jid)
         try:
-            return self._run_claimed(job)
+            result = self._run_claimed(job)
+            self._settle(job, result)
+            return result
         finally:
             try:
                 linger(self.redis, self.keys, jid, self.settings.job_key_linger_s)
             except redis.RedisError as exc:  # they keep their long TTL: no leak, only a slower cleanup
                 log.warning("job %s: could not shorten its claim's TTL: %s", jid, exc)
+
+    def _settle(self, job: Job, result: dict[str, object]) -> None:
+        """Fair share: the job's tenant pays its real tokens, not the estimate it was charged when taken."""
+        if job.share is None:
+            return
+        tokens = sum(int(str(result.get(k) or 0)) for k in ("prompt_tokens", "completion_tokens"))
+        try:
+            fairness.settle(self.redis, self.keys, job, tokens)
+        except redis.RedisError as exc:  # the estimate stands; fairness is off by that much, nothing is lost
+            log.warning("job %s: could not settle its tenant's tokens: %s", job.job_id, exc)
 
     def _run_claimed(self, job: Job) -> dict[str, object]:
         jid = job.job_id

@@ -232,7 +232,7 @@ class Interactive:
         hung up: ``api/jobs/hangup.py``), it cancels the job, which the
         worker then skips without generating."""
         accepted_at = time.monotonic()
-        job = job.model_copy(update={"reply_channel": self._router.channel})
+        job = job.model_copy(update={"reply_channel": self._router.channel, "share": self.jobs.share(job, api_key)})
         q, first = await self._start(job)
         if isinstance(first, Started):
             return RunningJob(job=job, started=first, _queue=q, _jobs=self,
@@ -241,7 +241,7 @@ class Interactive:
         raise self._unexpected(first)
 
     async def embed(self, job: Job, *, api_key: NamedKey | None = None) -> Embeddings:
-        ev = await self._one_event(job)
+        ev = await self._one_event(job.model_copy(update={"share": self.jobs.share(job, api_key)}))
         if isinstance(ev, Embeddings):
             if api_key is not None:
                 await self.jobs.count_tokens(api_key, ev.prompt_tokens)

@@ -45,11 +45,12 @@ from api.errors import (
 from api.jobs.waiting import retry_after_s
 from api.keys import NamedKey, RateLimiter
 from api.metrics import Metrics
+from broker import fairness
 from broker.celery_app import GENERATE_TASK
 from broker.control import admit, give_up_queued, leave_waiting, request_cancel
 from broker.keys import Keys, batch_queue_name, queue_name
 from broker.registry import Registry
-from broker.schemas import Job, ModelInfo
+from broker.schemas import Job, ModelInfo, Share
 from broker.settings import Settings
 
 log = logging.getLogger("llmq.api.jobs")
@@ -140,6 +141,8 @@ def _send_job(celery: Celery, job: Job) -> None:
         task_id=job.job_id,
         priority=job.priority,
         expires=None if deadline is None else datetime.fromtimestamp(deadline, UTC),
+        # Whose job it is: kept in its tenant's list under kombu's (broker/transport.py).
+        headers=None if job.share is None else {fairness.HEADER: fairness.header(job.share)},
         # No result backend: results travel over the job's reply channel.
         ignore_result=True,
         # Flower shows this instead of the arguments: never the prompt.
@@ -223,6 +226,13 @@ class Jobs:
         return max_queue_time_exceeded(job.model, waited, job.max_queue_s or 0, await self.retry_after(job.model))
 
     # -------------------------------------------------------------- send
+
+    def share(self, job: Job, key: NamedKey | None) -> Share | None:
+        """Whose job this is, for fair share between keys (None: fair share is off)."""
+        if not self.settings.fair_share:
+            return None
+        return Share(tenant=key.name if key is not None else fairness.ANONYMOUS,
+                     weight=key.weight if key is not None else 1.0, estimate=fairness.estimate(job))
 
     async def send(self, job: Job) -> None:
         # On asyncio's own executor, whose threads live as long as the
