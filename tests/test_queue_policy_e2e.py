@@ -147,11 +147,15 @@ def test_a_job_still_queued_past_its_max_queue_time_is_dropped_unrun(policy: Pol
         assert 1.0 <= waited < 3.0, waited  # dropped at its deadline, not when the worker came free
         assert not holder.done()  # the worker was busy all along: nothing ran them
         assert metric(policy.base, "llmq:queue_deadline_expired_total", BUSY) == before + 2
+        # A response (given up by the responses keeper, not a waiting request) too.
+        with pytest.raises(openai.RateLimitError) as response:
+            client.responses.create(model=BUSY, input="Tell me a long story.")
+        assert response.value.response.json()["error"]["code"] == "max_queue_time_exceeded"
         assert holder.result(timeout=60) > 0
         # Taken after the long answer, both messages are revoked as expired
         # (Flower shows them so), not run and not failed.
-        wait_for(lambda: sum(1 for e in revoked.ids.values() if e.get("expired")) >= 2, 30,
-                 "two task-revoked events (expired)")
+        wait_for(lambda: sum(1 for e in revoked.ids.values() if e.get("expired")) >= 3, 30,
+                 "three task-revoked events (expired)")
     finally:
         pool.shutdown(wait=False)
         revoked.close()
@@ -216,6 +220,8 @@ def test_past_the_wait_for_a_worker_the_answer_is_a_503_with_retry_after(policy:
         assert 2.0 <= time.monotonic() - started < 10
         assert r.status_code == 503, r.text
         assert r.json()["error"]["code"] == "no_live_worker" and int(r.headers["retry-after"]) >= 1
+        r = httpx.post(f"{base}/v1/responses", json={"model": LATE, "input": "Hello?"}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "no_live_worker", r.text
         # An undeclared model with no worker is refused at once, as always.
         r = httpx.post(f"{base}/v1/chat/completions", json={"model": "never-declared", "messages": ask()},
                        timeout=30)

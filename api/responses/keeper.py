@@ -32,6 +32,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from api.errors import APIError
 from api.jobs.lifecycle import Jobs, watch
 from api.jobs.ticking import tick_forever
 from api.keys import NamedKey
@@ -116,15 +117,35 @@ class ResponseKeeper:
         if state.ended:
             await self._ended(state, now_ms)
             return
+        waited_s = (now_ms - state.job_since_ms) / 1000
+        if state.worker is None:
+            error = await self._queued_too_long(state, waited_s)
+            if error is not None:
+                await self._fail(state, error.status, error.code or "", error.message)
+                return
         verdict = watch(self._jobs.settings, what="response", worker=state.worker, alive=state.worker in live,
-                        tokens_out=state.had_delta, attempt=state.attempts,
-                        waited_s=(now_ms - state.job_since_ms) / 1000, silent_s=(now_ms - state.last_ms) / 1000)
+                        tokens_out=state.had_delta, attempt=state.attempts, waited_s=waited_s,
+                        silent_s=(now_ms - state.last_ms) / 1000)
         if verdict is None:
             return
         if verdict.resubmit:
             await self._resubmit(state)
         else:
             await self._fail(state, verdict.status, verdict.code, verdict.message)
+
+    async def _queued_too_long(self, state: ResponseFold, waited_s: float) -> APIError | None:
+        """A response still queued past its max queue time, or one for a
+        declared model whose wait for a first worker is over, is given up as
+        an interactive job is (``api/jobs/interactive.py``), unless a worker
+        claimed it first."""
+        job = state.record.job.model_copy(update={"job_id": state.job_id})
+        settings = self._jobs.settings
+        if job.max_queue_s is not None and waited_s > job.max_queue_s:
+            return await self._jobs.give_up(job)
+        if (0 < settings.wait_for_worker_s < waited_s and settings.declared(job.model) is not None
+                and job.model not in await self._jobs.registry.live_models()):
+            return await self._jobs.no_worker_came(job)
+        return None
 
     async def _ended(self, state: ResponseFold, now_ms: int) -> None:
         record = state.record

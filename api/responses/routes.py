@@ -20,6 +20,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from api.auth import require_api_key
+from api.jobs.waiting import max_queue_s
 from api.errors import ERROR_RESPONSES, unsupported
 from api.jobs.hangup import CancelOnHangUp
 from api.jobs.lifecycle import JOB_ID_HEADER
@@ -77,7 +78,7 @@ def _sse_response(events: AsyncIterator[dict[str, str]], record: StoredResponse)
 @router.post("/responses")
 async def create(body: ResponseCreateRequest, responses: ResponsesDep, request: Request) -> Any:
     key = getattr(request.state, "api_key", None)
-    record = await responses.create(body, key.name if key is not None else None)
+    record = await responses.create(body, key, max_queue_s(request.headers, key, request.app.state.settings))
     headers = {JOB_ID_HEADER: record.id}
     if record.background:
         if body.stream:

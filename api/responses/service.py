@@ -21,6 +21,7 @@ from typing import Any
 
 from api.errors import APIError, invalid
 from api.jobs.lifecycle import Jobs, attempt_ids
+from api.keys import NamedKey
 from api.responses.events import Mark, ResponseFold
 from api.responses.items import to_messages
 from api.responses.protocol import ResponseCreateRequest, StoredResponse
@@ -67,8 +68,10 @@ class Responses:
 
     # ------------------------------------------------------------- create
 
-    async def create(self, body: ResponseCreateRequest, api_key: str | None) -> StoredResponse:
-        """Store the request and send its job; returns at once (the job may still wait in the queue)."""
+    async def create(self, body: ResponseCreateRequest, api_key: NamedKey | None,
+                     max_queue_s: float | None = None) -> StoredResponse:
+        """Store the request and send its job; returns at once (the job may still wait in the queue,
+        ``max_queue_s`` at most: ``api/jobs/waiting.py``)."""
         history = await self._history(body.previous_response_id) if body.previous_response_id else []
         instructions = [Message(role="system", content=body.instructions)] if body.instructions else []
         turn = to_messages(body.items())
@@ -82,9 +85,10 @@ class Responses:
         await self._jobs.admit(body.model, "chat", response_id)
         now = time.time()
         job = body.job(response_id, messages, self.store.stream_key(response_id), now)
+        job = job.model_copy(update={"max_queue_s": max_queue_s, "share": self._jobs.share(job, api_key)})
         record = StoredResponse(id=response_id, created_at=int(now), model=body.model, background=body.background,
                                 store=body.store, echo=body.echo(), input_items=body.listed_items(), job=job,
-                                context_start=len(instructions), api_key=api_key)
+                                context_start=len(instructions), api_key=api_key.name if api_key else None)
         try:
             await self.store.create(record)
             await self._jobs.send(job)
