@@ -164,6 +164,8 @@ class Job(Strict):
             "constrained": self.constraint.kind if self.constraint else None,
             "tools": len(self.tools or ()),
             "priority": self.priority,
+            **({"key": self.share.tenant} if self.share else {}),
+            **({"max_queue_s": self.max_queue_s} if self.max_queue_s else {}),
             **({"batch_id": self.batch.batch_id, "custom_id": self.batch.custom_id} if self.batch else {}),
             **self.sampling.model_dump(exclude={"logit_bias"}),
         }

@@ -73,7 +73,7 @@ def ask() -> list[dict[str, str]]:
 
 def metric(base: str, name: str, model: str) -> float:
     text = httpx.get(f"{base}/metrics", timeout=5).text
-    m = re.search(rf'^{re.escape(name)}{{model="{re.escape(model)}"}} (\S+)$', text, re.M)
+    m = re.search(rf'^{re.escape(name)}{{model="{re.escape(model)}"}} (\S+)$', text, re.MULTILINE)
     return float(m.group(1)) if m else 0.0
 
 

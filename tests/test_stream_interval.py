@@ -99,3 +99,15 @@ def test_tool_call_pieces_are_never_merged() -> None:
                 usage=Usage(prompt_tokens=3, completion_tokens=3), timings=TIMINGS)
     out = run_with([delta(1, "a", 1), delta(2, "", 2, tool_calls=[call]), delta(3, "b", 3), done])
     assert [getattr(ev, "text", None) for ev in out] == ["a", "", "b", None]
+
+
+def test_the_drain_rate_counts_jobs_not_choices(redis_url: str) -> None:
+    """``Emitter.jobs_per_s``, which heartbeats carry for the API's Retry-After."""
+    emitter = Emitter(Publisher(redis.Redis.from_url(redis_url)), FORMATS["generic"])
+    assert emitter.jobs_per_s() == 0.0
+    for jid, n in (("a", 3), ("b", 1)):
+        choices = choices_of(job("api-1", n).model_copy(update={"job_id": jid}), [1, 2], 4, 0.0)
+        emitter.add(choices)
+        emitter.publish([Update(c, text="x", tokens=1, finish="stop") for c in choices])
+    emitter.publish([])
+    assert emitter.jobs_per_s() == 2 / 10  # two jobs ended in the 10 s window, four choices

@@ -63,3 +63,15 @@ def test_retry_after_grows_with_the_queue(redis_url: str) -> None:
 
     figures = [asyncio.run(after(depth)) for depth in (2, 16, 64, 400)]
     assert figures == [1, 8, 32, 60], figures
+
+
+def test_declared_models_come_as_json_or_from_a_file(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    listed = '[{"name": "cold", "kind": "chat", "context_length": 4096}]'
+    monkeypatch.setenv("LLMQ_MODELS", listed)
+    assert [(m.name, m.context_length) for m in Settings().models] == [("cold", 4096)]
+    (tmp_path / "models.json").write_text(listed)
+    monkeypatch.setenv("LLMQ_MODELS", str(tmp_path / "models.json"))
+    assert Settings().declared("cold") is not None and Settings().declared("warm") is None
+    monkeypatch.setenv("LLMQ_MODELS", '[{"name": "x", "context_length": 0}]')
+    with pytest.raises(ValueError):
+        Settings()

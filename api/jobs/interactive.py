@@ -34,7 +34,7 @@ class RunningJob:
     job: Job
     started: Started
     _queue: Mailbox
-    _jobs: "Interactive"
+    _jobs: Interactive
     accepted_at: float  # monotonic, when the API took the request
     finished: bool = False
     failed: bool = False
