@@ -322,6 +322,7 @@ class ModelInfo(Strict):
     running: int = Field(default=0, description="this model's jobs running on the worker")
     jobs_per_s: float = Field(default=0.0, description="jobs of this model the worker finished per second "
                               "(10 s window): its share of the queue's drain rate")
+    parent: str | None = Field(default=None, description="a LoRA adapter's base model (served name)")
 
 
 class DeclaredModel(Strict):

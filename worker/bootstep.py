@@ -97,13 +97,18 @@ class LLMQStep(bootsteps.StartStopStep):
         app = worker.app
         settings: Settings = app.llmq_settings
         kind = kind_of(opts.get("engine") or DEFAULT)
-        options = kind.options_type.read(opts)
-        if kind.before_load is not None:
-            options = kind.before_load(options)
+        if opts.get("lora") and kind.name != "transformers":
+            raise SystemExit(f"llmq worker: cannot start: --lora is served by --engine transformers; the {kind.name} "
+                             "engine does not take LoRA adapters yet")
         publisher = Publisher(sync_redis(settings), settings.responses_stream_max_events, settings.responses_ttl_s)
         try:
+            options = kind.options_type.read(opts)
+            if kind.before_load is not None:
+                options = kind.before_load(options)
             specs = specs_from_options(opts, kind)
             embed = [s for s in specs if is_embedding_model(s.path)]
+            if opts.get("lora") and len(specs) - len(embed) != 1:
+                raise ModelLoadError("--lora adapters need exactly one --model-path (their base) in the worker")
             build = kind.engine_class()
             engines = [build(s, options, publisher) for s in specs if not is_embedding_model(s.path)]
             embedders = [load_embedding(s) for s in embed]

@@ -46,7 +46,8 @@ class Runtime:
         self.publisher = publisher
         self.options = options
         self._engines = list(engines)  # one per loaded model
-        self.engines: dict[str, Engine] = {name: e for e in engines for name in e.names}  # aliases share one
+        # Aliases share one engine, and so do the LoRA adapters an engine serves (each a model name of its own).
+        self.engines: dict[str, Engine] = {name: e for e in engines for name in (*e.names, *adapters_of(e))}
         self.embedders: dict[str, EmbeddingModel] = {name: m for m in embedders for name in m.names}
         self.started_at = time.time()
         self.redelivery = redelivery
@@ -94,7 +95,8 @@ class Runtime:
             engine=self.options.engine,
             models=[
                 ModelInfo(name=name, queue=queue_name(name), context_length=e.context_length, kind="chat",
-                          running=e.emitter.running_for(name), jobs_per_s=round(e.emitter.jobs_per_s(), 3))
+                          running=e.emitter.running_for(name), jobs_per_s=round(e.emitter.jobs_per_s(), 3),
+                          parent=None if name in e.names else e.names[0])
                 for name, e in self.engines.items()
             ] + [
                 ModelInfo(name=name, queue=queue_name(name), context_length=m.context_length, kind="embedding")
@@ -385,3 +387,9 @@ class Runtime:
             except redis.RedisError as exc:
                 log.warning("cancel listener lost Redis (%s); reconnecting", exc)
                 time.sleep(1.0)
+
+
+def adapters_of(engine: Engine) -> list[str]:
+    """The LoRA adapters an engine serves as model names (only the transformers engine has any)."""
+    return list(getattr(engine, "adapters", {}))
+

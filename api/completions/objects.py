@@ -106,6 +106,7 @@ class ModelCard(BaseModel):
     context_length: int
     workers: int
     capacity: int
+    parent: str | None = None  # a LoRA adapter's base model, as vLLM lists it
 
 
 class ModelList(BaseModel):

@@ -66,6 +66,7 @@ async def list_models(registry: RegistryDep, request: Request) -> ModelList:
             context_length=m.info.context_length,
             workers=len(m.workers),
             capacity=m.capacity,
+            parent=m.info.parent,
         )
         for name, m in live.items()
     ]

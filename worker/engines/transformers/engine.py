@@ -19,6 +19,10 @@ The pump thread detokenizes, applies stop strings, attaches logprobs and
 publishes one event per choice, the whole step in one Redis pipeline.
 Celery's worker threads only submit and wait.
 
+A job may name a LoRA adapter served on this model (``--lora``): its rows
+run in the same steps as every other row, with their adapter's deltas
+(``lora.py``); a row whose adapter finds no free slot waits its turn.
+
 A sequence takes KV blocks as it grows. When none is left, the most
 recently admitted sequence is preempted: its blocks go back and it is
 computed again later from its prompt and the tokens it already produced
@@ -39,15 +43,19 @@ from worker.engines.batchers import Pump
 from worker.engines.emitter import Emitter
 from worker.engines.protocol import Choice, Update
 from worker.engines.transformers import TransformersOptions
-from worker.engines.transformers.attention import NAME as ATTENTION, STEP_KWARG
+from worker.engines.transformers.attention import NAME as ATTENTION
+from worker.engines.transformers.attention import STEP_KWARG
 from worker.engines.transformers.detok import IncrementalDetokenizer
 from worker.engines.transformers.grammars import Grammars
 from worker.engines.transformers.kvcache import KVCache
+from worker.engines.transformers.lora import LoraBank
 from worker.engines.transformers.profile import StepProfile
 from worker.engines.transformers.runs import Plan, Run, StepOutput, layout
 from worker.engines.transformers.sampler import Pick, Sampler, Slot
 from worker.grammar import spec_of
-from worker.loading import LoadedModel, ModelSpec, load
+from worker.loading import LoadedModel, ModelLoadError, ModelSpec, load
+from worker.lora import Adapter
+from worker.lora import read as read_adapter
 from worker.publish import Publisher
 from worker.toolcalls import format_for
 
@@ -91,6 +99,13 @@ class Engine:
         # shorter); enough for chat on CPU without taking all memory.
         kv_cache_tokens = options.kv_cache_tokens or max_batch * min(lm.context_length, 2048)
         self.cache = _cache_for(lm, kv_cache_tokens, options.prefix_caching)
+        self.adapters: dict[str, Adapter] = {}  # served adapter name -> its weights (worker/lora.py)
+        for name, path in options.loras:
+            if name in self.names or name in self.adapters:
+                raise ModelLoadError(f"--lora {name}={path}: the name {name!r} is served already")
+            self.adapters[name] = read_adapter(name, path, spec, options.max_lora_rank)
+        self.loras = (LoraBank(lm.model, self.adapters, options.max_loras, options.max_lora_rank)
+                      if self.adapters else None)
         self.tool_format = format_for(lm.tokenizer, options.tool_call_parser)
         self.emitter = Emitter(publisher, self.tool_format, options.stream_interval)
         self._lock = threading.Lock()
@@ -140,8 +155,9 @@ class Engine:
     def submit(self, job: Job, prompt_ids: list[int], max_tokens: int, queue_s: float) -> list[Choice]:
         spec = spec_of(job, self.tool_format)
         grammar = self.grammars.compile(spec) if spec is not None else None  # compiled by check(): cached
+        adapter = job.model if job.model in self.adapters else None
         runs = [Run(job=job, index=i, prompt_ids=prompt_ids, max_tokens=max_tokens, queue_s=queue_s, grammar=grammar,
-                    detok=IncrementalDetokenizer(self.tokenizer, prompt_ids)) for i in range(job.n)]
+                    adapter=adapter, detok=IncrementalDetokenizer(self.tokenizer, prompt_ids)) for i in range(job.n)]
         for run in runs:
             self.add(run)
         return list(runs)
@@ -208,6 +224,9 @@ class Engine:
         run.blocks = []
         if run.slot is not None:
             self.sampler.close(run.slot)
+        if run.lora_slot and self.loras is not None:
+            self.loras.release(run.lora_slot)
+            run.lora_slot = 0
 
     def _step(self) -> None:
         t0 = time.monotonic()
@@ -215,11 +234,17 @@ class Engine:
         if not plan:  # nothing fits in memory right now; finishing runs will free some
             self._wake.wait(0.01)
             return
-        step, input_ids, positions, logit_at = layout(plan, self.cache, self.lm.device)
+        step, input_ids, positions, logit_at, lora_slots = layout(plan, self.cache, self.lm.device)
         t1 = time.monotonic()
-        with torch.inference_mode():
-            out = self.lm.model(input_ids=input_ids, position_ids=positions, logits_to_keep=logit_at,
-                                use_cache=False, **{STEP_KWARG: step})
+        if self.loras is not None:
+            self.loras.arm(lora_slots, self.lm.device)
+        try:
+            with torch.inference_mode():
+                out = self.lm.model(input_ids=input_ids, position_ids=positions, logits_to_keep=logit_at,
+                                    use_cache=False, **{STEP_KWARG: step})
+        finally:
+            if self.loras is not None:
+                self.loras.disarm()
         t2 = time.monotonic()
         sampling = [r for r, n in plan if r.computed + n == len(r.ids)]
         slots: list[Slot] = [r.slot for r in sampling if r.slot is not None]
@@ -249,10 +274,18 @@ class Engine:
                 if n:
                     plan.append((run, n))
                     budget -= n
+        no_slot: list[Run] = []  # adapter runs that found every LoRA slot held: they keep their place
         while self._waiting and len(self._running) < self.max_batch and budget > 0:
             run = self._waiting[0]
+            if run.adapter is not None and not run.lora_slot:
+                assert self.loras is not None
+                slot = self.loras.acquire(run.adapter)
+                if slot is None:
+                    no_slot.append(self._waiting.popleft())
+                    continue
+                run.lora_slot = slot
             if not run.blocks and not run.computed:
-                run.blocks, run.hashes = cache.match_prefix(run.ids)
+                run.blocks, run.hashes = cache.match_prefix(run.ids, run.cache_salt)
                 run.computed = len(run.blocks) * bs
                 self.profile.add_cached(run.computed)
             if cache.blocks_for(len(run.ids) + 1) - len(run.blocks) > cache.available():
@@ -270,6 +303,7 @@ class Engine:
             if n:
                 plan.append((run, n))
                 budget -= n
+        self._waiting.extendleft(reversed(no_slot))
         return plan
 
     def _grow(self, run: Run) -> bool:
@@ -306,7 +340,7 @@ class Engine:
         outputs: list[StepOutput] = []
         for run, n in plan:
             run.computed += n
-            self.cache.file_full_blocks(run.ids, run.blocks, run.hashes, run.computed)
+            self.cache.file_full_blocks(run.ids, run.blocks, run.hashes, run.computed, run.cache_salt)
             token = tokens.get(id(run))
             if token is None:
                 continue  # a prompt chunk that does not end the prompt

@@ -72,16 +72,18 @@ class KVCache:
                 else:
                     self._free.append(block)
 
-    def match_prefix(self, tokens: Sequence[int]) -> tuple[list[int], list[int]]:
+    def match_prefix(self, tokens: Sequence[int], salt: int | None = None) -> tuple[list[int], list[int]]:
         """The cached blocks that start ``tokens``, now held by the caller,
         and their chain hashes. The last token is never matched: its logits
-        are what the sequence needs next, so at least one token is computed."""
+        are what the sequence needs next, so at least one token is computed.
+        ``salt`` starts the chain: a LoRA adapter's keys and values are its
+        own, so its blocks never match the base's or another adapter's."""
         blocks: list[int] = []
         hashes: list[int] = []
         if not self.prefix_caching:
             return blocks, hashes
         bs = self.block_size
-        h: int | None = None
+        h: int | None = salt
         for i in range((len(tokens) - 1) // bs):
             h = chain_hash(h, tokens[i * bs : (i + 1) * bs])
             block = self._by_hash.get(h)
@@ -94,7 +96,8 @@ class KVCache:
             hashes.append(h)
         return blocks, hashes
 
-    def file_full_blocks(self, tokens: Sequence[int], blocks: Sequence[int], hashes: list[int], computed: int) -> None:
+    def file_full_blocks(self, tokens: Sequence[int], blocks: Sequence[int], hashes: list[int], computed: int,
+                         salt: int | None = None) -> None:
         """File every block of a sequence that is full and computed under its
         chain hash (``hashes`` is the sequence's list, extended here)."""
         if not self.prefix_caching:
@@ -102,7 +105,7 @@ class KVCache:
         bs = self.block_size
         while len(hashes) < computed // bs:
             i = len(hashes)
-            h = chain_hash(hashes[-1] if hashes else None, tokens[i * bs : (i + 1) * bs])
+            h = chain_hash(hashes[-1] if hashes else salt, tokens[i * bs : (i + 1) * bs])
             hashes.append(h)
             block = blocks[i]
             if h not in self._by_hash and block not in self._hash_of:  # an identical block may be filed already

@@ -26,6 +26,8 @@ class Run(Choice):
     stops: StopStrings = field(init=False)
     slot: Slot | None = None
     grammar: Any = None  # the job's compiled xgrammar grammar, if its output is constrained
+    adapter: str | None = None  # the LoRA adapter the job names (lora.py); None: the base model
+    lora_slot: int = 0  # the bank slot holding its weights while it runs (engine thread)
     # engine-thread state
     ids: list[int] = field(init=False)  # prompt, then generated tokens
     computed: int = 0  # tokens whose keys and values are in the cache
@@ -41,6 +43,11 @@ class Run(Choice):
     def generated(self) -> int:
         return len(self.ids) - len(self.prompt_ids)
 
+    @property
+    def cache_salt(self) -> int | None:
+        """Its prefix-cache chain's start: the base's, or its adapter's own."""
+        return None if self.adapter is None else hash(("lora", self.adapter))
+
 
 @dataclass(frozen=True)
 class StepOutput:
@@ -54,15 +61,17 @@ Plan = list[tuple[Run, int]]  # one step's runs and how many tokens each compute
 
 
 def layout(plan: Plan, cache: KVCache, device: torch.device | str
-           ) -> tuple[StepLayout, torch.Tensor, torch.Tensor, torch.Tensor]:
+           ) -> tuple[StepLayout, torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
     """One step's flat sequence for the forward: its attention layout, input
-    ids, positions, and the indices of the tokens whose logits are sampled."""
+    ids, positions, the indices of the tokens whose logits are sampled, and
+    each token's LoRA slot (0: the base)."""
     decode = [r for r, n in plan if n == 1]
     ids: list[int] = []
     positions: list[int] = []
     write: list[int] = []
     logit_at: list[int] = []
     chunks: list[Chunk] = []
+    slots: list[int] = []
     for run, n in plan:  # decoders come first in the plan
         start, stop = run.computed, run.computed + n
         if n > 1 and start == 0:
@@ -73,6 +82,7 @@ def layout(plan: Plan, cache: KVCache, device: torch.device | str
             chunks.append(Chunk(start=len(ids), length=n, read=read[0].to(device),
                                 mask=causal[None, None].to(device)))
         ids += run.ids[start:stop]
+        slots += [run.lora_slot] * n
         positions += range(start, stop)
         write += cache.rows(run.blocks, start, stop)
         if stop == len(run.ids):
@@ -84,4 +94,4 @@ def layout(plan: Plan, cache: KVCache, device: torch.device | str
     layout = StepLayout(cache=cache, write=torch.tensor(write, device=device), decode=len(decode),
                         decode_read=decode_read, decode_mask=decode_mask, chunks=tuple(chunks))
     return (layout, torch.tensor([ids], device=device), torch.tensor([positions], device=device),
-            torch.tensor(logit_at, device=device, dtype=torch.long))
+            torch.tensor(logit_at, device=device, dtype=torch.long), slots)

@@ -1,0 +1,152 @@
+"""Many LoRA adapters in one batch: each row of a step gets its own
+adapter's deltas (or none), as LoRAX and vLLM's punica kernels do.
+
+Every linear layer an adapter trains is wrapped once (``LoraLinear``); the
+wrappers share one ``LoraBank``, which holds ``--max-loras`` slots of
+adapter weights stacked per layer (``A: [slots + 1, R, in]``,
+``B: [slots + 1, out, R]``, slot 0 all zeros for base rows, ``R`` =
+``--max-lora-rank``, smaller ranks zero-padded, the scale folded into B).
+The engine arms the bank for one step with the slot of each of its tokens;
+each wrapper adds, per adapter present in the step, ``(x[rows] @ A.T) @ B.T``
+to the base layer's output for that adapter's rows: an exact product per
+adapter, whatever else shares the step, so a row's answer is that adapter's
+alone. A step with no adapter row costs nothing more than the base.
+
+Slots are taken by runs (``acquire``) and given back when a run ends
+(``release``); an adapter not resident takes a free slot or the least
+recently used one no run holds. A run whose adapter finds every slot held
+waits in the engine's queue.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from worker.lora import Adapter, AdapterError
+
+
+@dataclass(frozen=True)
+class LoraStep:
+    """One step's adapter rows: (slot, indices of its tokens) per adapter present."""
+
+    segments: tuple[tuple[int, torch.Tensor], ...]
+
+    @classmethod
+    def of(cls, token_slots: list[int], device: torch.device | str) -> LoraStep | None:
+        if not any(token_slots):
+            return None
+        slots = torch.tensor(token_slots)
+        return cls(tuple((int(s), (slots == s).nonzero(as_tuple=True)[0].to(device))
+                         for s in sorted(set(token_slots) - {0})))
+
+
+class LoraLinear(nn.Module):
+    """A base linear layer plus the deltas of the step's adapters."""
+
+    def __init__(self, base: nn.Module, bank: LoraBank, slots: int, rank: int) -> None:
+        super().__init__()
+        self.base = base
+        self.bank = bank
+        weight = base.weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float16  # bitsandbytes: int8 / 4-bit
+        self.register_buffer("A", torch.zeros(slots + 1, rank, base.in_features, dtype=dtype, device=weight.device))
+        self.register_buffer("B", torch.zeros(slots + 1, base.out_features, rank, dtype=dtype, device=weight.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        step = self.bank.step
+        if step is None:
+            return y
+        flat, out = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        for slot, rows in step.segments:
+            part = flat.index_select(0, rows).to(self.A.dtype)
+            out.index_add_(0, rows, ((part @ self.A[slot].T) @ self.B[slot].T).to(out.dtype))
+        return y
+
+
+class LoraBank:
+    """The slots of one model's adapters, and the step they apply to."""
+
+    def __init__(self, model: nn.Module, adapters: dict[str, Adapter], max_loras: int, max_rank: int) -> None:
+        self.adapters = adapters
+        self.max_loras = max_loras
+        self.max_rank = max_rank
+        self.step: LoraStep | None = None
+        self._layers: dict[str, LoraLinear] = {}
+        self._slot_of: OrderedDict[str, int] = OrderedDict()  # resident adapters, least recently used first
+        self._holders = [0] * (max_loras + 1)  # runs holding each slot
+        self.loads = 0
+        modules = dict(model.named_modules())
+        for adapter in adapters.values():
+            for path, (a, b) in adapter.weights.items():
+                if path in self._layers:
+                    continue
+                parent_path, _, attr = path.rpartition(".")
+                base = modules.get(path)
+                if base is None or not hasattr(base, "in_features"):
+                    raise AdapterError(f"LoRA adapter {adapter.name!r} trains {path!r}, which this base model has "
+                                       "no linear layer for: it was trained on another model")
+                layer = LoraLinear(base, self, max_loras, max_rank)
+                setattr(modules[parent_path], attr, layer)
+                self._layers[path] = layer
+        for adapter in adapters.values():  # every shape, before any request
+            for path, (a, b) in adapter.weights.items():
+                layer = self._layers[path]
+                if a.shape[1] != layer.base.in_features or b.shape[0] != layer.base.out_features:
+                    raise AdapterError(f"LoRA adapter {adapter.name!r}: {path} is {b.shape[0]}x{a.shape[1]} in the "
+                                       f"adapter, {layer.base.out_features}x{layer.base.in_features} in this base "
+                                       "model: it was trained on another model")
+
+    def resident(self) -> list[str]:
+        return list(self._slot_of)
+
+    def acquire(self, name: str) -> int | None:
+        """A slot holding ``name``'s weights, held for one run; None if every
+        slot is held by running rows of other adapters."""
+        slot = self._slot_of.get(name)
+        if slot is None:
+            slot = self._free_slot()
+            if slot is None:
+                return None
+            self._load(name, slot)
+        self._slot_of.move_to_end(name)
+        self._holders[slot] += 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        self._holders[slot] -= 1
+
+    def _free_slot(self) -> int | None:
+        used = set(self._slot_of.values())
+        for slot in range(1, self.max_loras + 1):
+            if slot not in used:
+                return slot
+        for name, slot in self._slot_of.items():  # least recently used first
+            if self._holders[slot] == 0:
+                del self._slot_of[name]
+                return slot
+        return None
+
+    def _load(self, name: str, slot: int) -> None:
+        adapter = self.adapters[name]
+        with torch.no_grad():
+            for path, layer in self._layers.items():
+                layer.A[slot].zero_()
+                layer.B[slot].zero_()
+                pair = adapter.weights.get(path)
+                if pair is not None:
+                    a, b = pair
+                    layer.A[slot, : a.shape[0]].copy_(a)
+                    layer.B[slot, :, : b.shape[1]].copy_(b * adapter.scale)
+        self._slot_of[name] = slot
+        self.loads += 1
+
+    def arm(self, token_slots: list[int], device: torch.device | str) -> None:
+        self.step = LoraStep.of(token_slots, device)
+
+    def disarm(self) -> None:
+        self.step = None
