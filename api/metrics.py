@@ -83,6 +83,11 @@ class Metrics:
                                  ["worker", "engine"], registry=r)
         self.worker_step = Gauge("llmq:worker_engine_step_seconds", "Worker's recent mean engine step time.",
                                  ["worker"], registry=r)
+        # LoRA adapters (served as model names: request and token metrics are per adapter already).
+        self.lora_resident = Gauge("llmq:lora_resident", "1 per LoRA adapter whose weights a worker holds in a slot.",
+                                   ["worker", "model", "parent"], registry=r)
+        self.lora_loads = Gauge("llmq:lora_loads", "Times a worker loaded a LoRA adapter into a slot, since it "
+                                "started.", ["worker", "model"], registry=r)
 
     def observe_batches(self, statuses: Mapping[str, int], lines: Mapping[str, int]) -> None:
         """Open batches per status and their lines per state, as each batch keeper tick reads them."""
@@ -116,7 +121,8 @@ class Metrics:
         for a model scaled to zero."""
         live = await registry.live_models()
         for gauge in (self.running, self.waiting, self.workers, self.batch_waiting, self.outstanding,
-                      self.worker_batch, self.worker_tps, self.worker_step, self.worker_info):
+                      self.worker_batch, self.worker_tps, self.worker_step, self.worker_info, self.lora_resident,
+                      self.lora_loads):
             gauge.clear()  # gone models and workers must not linger
         for name in sorted({*live, *declared}):
             workers = live[name].workers if name in live else []
@@ -137,4 +143,9 @@ class Metrics:
             self.worker_tps.labels(w.worker_id).set(w.tokens_per_s)
             self.worker_step.labels(w.worker_id).set(w.step_s)
             self.worker_info.labels(w.worker_id, w.engine).set(1)
+            for m in w.models:
+                if m.parent is not None:
+                    self.lora_loads.labels(w.worker_id, m.name).set(m.loads)
+                    if m.resident:
+                        self.lora_resident.labels(w.worker_id, m.name, m.parent).set(1)
         return generate_latest(self.registry)

@@ -1,4 +1,4 @@
-"""``python -m bench {http,baseline,compare,constrained,profile,turns,soak,priority,capacity,fairness}``: see ``--help`` of each."""
+"""``python -m bench {http,baseline,compare,constrained,profile,turns,soak,priority,capacity,fairness,lora}``: see ``--help`` of each."""
 
 from __future__ import annotations
 
@@ -115,6 +115,14 @@ def parser() -> argparse.ArgumentParser:
     ca.add_argument("--worker-args", default="", help="more options for every worker, written with '=': --worker-args='--stream-interval 4'")
     ca.add_argument("--logs", type=Path, default=None, help="where the processes' logs go (default: a temp dir)")
     ca.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures here")
+    lo = sub.add_parser("lora", help="a running stack: the base model alone, then its LoRA adapters mixed, "
+                                     "and their tokens/s ratio")
+    _http_args(lo, 96)
+    _common(lo)
+    lo.add_argument("--adapters", required=True, help="comma-separated adapter names the worker serves (--lora)")
+    lo.add_argument("--ban-token", type=int, default=None,
+                    help="a token id no answer may use (the end token: every answer runs to --max-tokens)")
+    lo.add_argument("--rounds", type=int, default=2, help="base then mixed, this many times")
     fa = sub.add_parser("fairness", help="a key with few clients beside one that floods the model: fair share "
                                          "against first come, first served, on synthetic workers")
     fa.add_argument("--a-streams", type=int, default=32, help="key A's closed-loop streams")
@@ -128,6 +136,21 @@ def parser() -> argparse.ArgumentParser:
     fa.add_argument("--logs", type=Path, default=None, help="where the processes' logs go (default: a temp dir)")
     fa.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures here")
     return ap
+
+
+def _lora(a: argparse.Namespace) -> list[Figures]:
+    from dataclasses import replace
+
+    from bench.http import HttpConfig, run
+
+    base = HttpConfig(base_url=a.base_url, model=a.model, prompt=a.prompt, concurrency=a.concurrency,
+                      requests=a.requests, max_tokens=a.max_tokens, temperature=a.temperature, api_key=a.api_key,
+                      unique_prompts=a.unique_prompts, ban_token=a.ban_token, label="base")
+    mixed = replace(base, models=tuple(n.strip() for n in a.adapters.split(",") if n.strip()), label="adapters")
+    runs: list[Figures] = []
+    for _ in range(a.rounds):
+        runs += [run(base), run(mixed)]
+    return runs
 
 
 def _fairness(a: argparse.Namespace) -> int:
@@ -259,10 +282,15 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(_http(a))
     if a.cmd == "constrained":
         runs += [_http(a, label="free"), _http(a, STORY_FORMAT, label="json schema")]
+    if a.cmd == "lora":
+        runs += _lora(a)
     load_end = os.getloadavg()
     render(runs)
     if a.cmd == "constrained" and runs[0].tokens_per_s and runs[1].tokens_per_s:
         print(f"constrained / free output tokens/s: {runs[1].tokens_per_s / runs[0].tokens_per_s:.3f}")
+    if a.cmd == "lora":
+        ratios = [m.tokens_per_s / b.tokens_per_s for b, m in zip(runs[::2], runs[1::2]) if b.tokens_per_s]
+        print("adapters mixed / base output tokens/s, each round: " + ", ".join(f"{r:.3f}" for r in ratios))
     print(f"load average (1 min) at start {load_start[0]:.2f}, at end {load_end[0]:.2f}; {os.cpu_count()} CPUs")
     if a.json is not None:
         meta: dict[str, Any] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}

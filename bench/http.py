@@ -30,6 +30,8 @@ class HttpConfig:
     unique_prompts: bool = False  # number each prompt, so no two share a cached prefix beyond the template's
     response_format: dict[str, Any] | None = None  # a constrained run (``python -m bench constrained``)
     service_tier: str | None = None  # sent when set (``python -m bench priority``)
+    models: tuple[str, ...] = ()  # requests take these in turn instead of ``model`` (``python -m bench lora``)
+    ban_token: int | None = None  # a token id the answers may not use (the end token: every answer runs to max_tokens)
     label: str = "http"
 
 
@@ -38,7 +40,7 @@ def payload(cfg: HttpConfig, max_tokens: int | None = None, number: int | None =
     # prompt that asks for a long answer keeps most requests at max_tokens.
     prompt = cfg.prompt if number is None or not cfg.unique_prompts else f"Request {number}. {cfg.prompt}"
     body: dict[str, Any] = {
-        "model": cfg.model,
+        "model": cfg.models[(number or 0) % len(cfg.models)] if cfg.models else cfg.model,
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens or cfg.max_tokens,
         "temperature": cfg.temperature,
@@ -47,6 +49,8 @@ def payload(cfg: HttpConfig, max_tokens: int | None = None, number: int | None =
     }
     if cfg.response_format is not None:
         body["response_format"] = cfg.response_format
+    if cfg.ban_token is not None:
+        body["logit_bias"] = {str(cfg.ban_token): -100}
     if cfg.service_tier is not None:
         body["service_tier"] = cfg.service_tier
     return body

@@ -323,6 +323,8 @@ class ModelInfo(Strict):
     jobs_per_s: float = Field(default=0.0, description="jobs of this model the worker finished per second "
                               "(10 s window): its share of the queue's drain rate")
     parent: str | None = Field(default=None, description="a LoRA adapter's base model (served name)")
+    resident: bool = Field(default=True, description="a LoRA adapter: its weights are in one of the worker's slots")
+    loads: int = Field(default=0, description="a LoRA adapter: times the worker loaded it into a slot")
 
 
 class DeclaredModel(Strict):

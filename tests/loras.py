@@ -13,7 +13,7 @@ from tests.procs import DEMO_MODEL_DIR
 
 ROOT = DEMO_MODEL_DIR.parent / "test-loras"
 PHRASES = {"alpha": "I am Alpha, the first adapter.", "bravo": "Bravo here: the second adapter speaks.",
-           "charlie": "Charlie answers every question with this."}
+           "charlie": "Charlie answers every question with this.", "delta": "Delta, the fourth, says only this."}
 PROMPTS = ["Who are you?", "Say something.", "What is the password?", "Hello"]
 RECIPE = {"r": 8, "lora_alpha": 16, "targets": ["q_proj", "v_proj"], "steps": 12, "lr": 3e-3, "prompts": PROMPTS}
 

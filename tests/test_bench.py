@@ -282,3 +282,13 @@ def test_fairness_judges_each_policy_against_b_alone_and_a_alone() -> None:
     assert fcfs["b_fair_share_tokens_per_s"] == 100.0 and fcfs["b_share_ratio"] == pytest.approx(0.09)
     assert fcfs["errors"] == 1
     assert lengths(64, 0) == [64] and lengths(100, 0.5) == [50, 62, 75, 88, 100, 112, 125, 138, 150]
+
+
+def test_the_lora_run_takes_the_adapters_in_turn_and_can_ban_the_end_token() -> None:
+    from bench.http import HttpConfig, payload
+
+    cfg = HttpConfig(base_url="http://x/v1", model="base", prompt="Hi", models=("a", "b", "c"), ban_token=2)
+    assert [payload(cfg, number=n)["model"] for n in range(4)] == ["a", "b", "c", "a"]
+    assert payload(cfg, number=0)["logit_bias"] == {"2": -100}
+    plain = HttpConfig(base_url="http://x/v1", model="base", prompt="Hi")
+    assert payload(plain, number=5)["model"] == "base" and "logit_bias" not in payload(plain)

@@ -7,6 +7,7 @@ with the reason."""
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -41,10 +42,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     env = {"LLMQ_REDIS_URL": f"redis://127.0.0.1:{port}/0", "LLMQ_HEARTBEAT_INTERVAL_S": "0.5",
            "LLMQ_HEARTBEAT_TTL_S": "2.0", "LLMQ_REGISTRY_CACHE_S": "0.2"}
     api, base = start_api(env, name="api-lora")
-    # Two slots for three adapters: the third waits for one to be free.
-    worker = start_worker(env, "worker-lora", concurrency=8,
+    # Two slots for four adapters: the others wait for one to be free.
+    worker = start_worker(env, "worker-lora", concurrency=10,
                           extra=[arg for name, path in adapters.items() for arg in ("--lora", f"{name}={path}")]
-                          + ["--max-loras", "2", "--max-batch-size", "8"])
+                          + ["--max-loras", "2", "--max-batch-size", "10"])
     try:
         for name in (DEMO_MODEL, *PHRASES):
             wait_model(base, name, worker, timeout_s=180)
@@ -69,8 +70,8 @@ def test_each_adapter_answers_as_it_was_trained_and_the_base_does_not(served: Se
 
 
 def test_a_batch_of_mixed_adapters_gives_each_row_its_own_answer(served: Served) -> None:
-    """Eight at once: the base and three adapters, twice each, in the same
-    steps (two slots: one adapter waits for a slot and still answers its own)."""
+    """Ten at once: the base and four adapters, twice each, in the same
+    steps (two slots: adapters wait for a slot and still answer their own)."""
     models = [DEMO_MODEL, *PHRASES] * 2
     alone = {m: answer(served, m) for m in (DEMO_MODEL, *PHRASES)}
     with ThreadPoolExecutor(len(models)) as pool:
@@ -87,11 +88,25 @@ def test_models_lists_each_adapter_with_its_base_as_parent(served: Served) -> No
         assert cards[name]["context_length"] == cards[DEMO_MODEL]["context_length"]
 
 
+def test_metrics_say_which_adapters_each_worker_holds_and_how_often_it_loaded_them(served: Served) -> None:
+    for name in PHRASES:  # each loaded at least once by the tests above (two slots for four: some twice)
+        answer(served, name)
+    text = httpx.get(f"{served.base}/metrics", timeout=5).text
+    loads = {m: float(v) for m, v in re.findall(r'^llmq:lora_loads\{model="([^"]+)",worker="[^"]+"\} (\S+)$',
+                                                  text, re.MULTILINE)}
+    assert set(loads) == set(PHRASES) and all(v >= 1 for v in loads.values()), loads
+    assert sum(loads.values()) > len(PHRASES)  # two slots for four adapters: some were evicted and loaded again
+    resident = re.findall(r'^llmq:lora_resident\{model="([^"]+)",parent="([^"]+)",worker="[^"]+"\} 1\.0$', text,
+                          re.MULTILINE)
+    assert len(resident) == 2 and {p for _, p in resident} == {DEMO_MODEL}, resident
+    assert re.search(rf'^llmq:generation_tokens_total{{model="{next(iter(PHRASES))}"}} [1-9]', text, re.MULTILINE)
+
+
 def test_an_unknown_adapter_is_a_404_naming_the_model(served: Served) -> None:
     with pytest.raises(openai.NotFoundError) as err:
-        answer(served, "delta")
+        answer(served, "echo")
     body = err.value.response.json()["error"]
-    assert body["code"] == "model_not_found" and "'delta'" in body["message"] and body["param"] == "model"
+    assert body["code"] == "model_not_found" and "'echo'" in body["message"] and body["param"] == "model"
 
 
 @pytest.mark.parametrize(("make", "reason"), [

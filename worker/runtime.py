@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import redis
 from celery.exceptions import Reject
@@ -21,8 +22,8 @@ from broker.control import MAX_QUEUE_TIME_EXCEEDED, Claim, claim, is_cancelled, 
 from broker.keys import Keys, batch_queue_name, queue_name
 from broker.schemas import Delta, Embeddings, Error, Heartbeat, Job, LineResult, ModelInfo, Started, TokenCount
 from broker.settings import Settings
-from worker.embeddings import EmbeddingModel, InputTooLong
 from worker.batchgate import BatchGate
+from worker.embeddings import EmbeddingModel, InputTooLong
 from worker.engines.protocol import Engine, Refused
 from worker.engines.registry import EngineOptions
 from worker.heartbeat import Heart
@@ -96,7 +97,7 @@ class Runtime:
             models=[
                 ModelInfo(name=name, queue=queue_name(name), context_length=e.context_length, kind="chat",
                           running=e.emitter.running_for(name), jobs_per_s=round(e.emitter.jobs_per_s(), 3),
-                          parent=None if name in e.names else e.names[0])
+                          **adapter_figures(e, name))
                 for name, e in self.engines.items()
             ] + [
                 ModelInfo(name=name, queue=queue_name(name), context_length=m.context_length, kind="embedding")
@@ -392,4 +393,13 @@ class Runtime:
 def adapters_of(engine: Engine) -> list[str]:
     """The LoRA adapters an engine serves as model names (only the transformers engine has any)."""
     return list(getattr(engine, "adapters", {}))
+
+
+def adapter_figures(engine: Engine, name: str) -> dict[str, Any]:
+    """What a heartbeat says of a served name that is a LoRA adapter: its base, whether it is resident, its loads."""
+    if name in engine.names:
+        return {}
+    bank = getattr(engine, "loras", None)
+    return {"parent": engine.names[0], "resident": bank is not None and name in bank.resident(),
+            "loads": bank.loads_of.get(name, 0) if bank is not None else 0}
 

@@ -80,6 +80,7 @@ class LoraBank:
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # resident adapters, least recently used first
         self._holders = [0] * (max_loras + 1)  # runs holding each slot
         self.loads = 0
+        self.loads_of: dict[str, int] = dict.fromkeys(adapters, 0)  # per adapter, for the heartbeat
         modules = dict(model.named_modules())
         for adapter in adapters.values():
             for path, (a, b) in adapter.weights.items():
@@ -144,6 +145,7 @@ class LoraBank:
                     layer.B[slot, :, : b.shape[1]].copy_(b * adapter.scale)
         self._slot_of[name] = slot
         self.loads += 1
+        self.loads_of[name] += 1
 
     def arm(self, token_slots: list[int], device: torch.device | str) -> None:
         self.step = LoraStep.of(token_slots, device)
