@@ -29,6 +29,7 @@ from __future__ import annotations
 from queue import Empty
 from typing import Any
 
+from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
@@ -153,3 +154,19 @@ class SentinelTransport(kombu_redis.SentinelTransport):
 def transport_name(sentinel: bool) -> str:
     """What Celery's ``broker_transport`` names: it wins over the URL's scheme."""
     return f"{__name__}:{'SentinelTransport' if sentinel else 'Transport'}"
+
+
+def _take_kombus_schemes() -> None:
+    """A Sentinel broker is a list of URLs. When the connection is lost,
+    Celery's reconnect switches to the next one, and kombu then takes the
+    transport from that URL's scheme, not from ``broker_transport``: the
+    worker came back on kombu's own channel, which reads a fair-share ticket
+    as a broken message and stops the worker. So in an llmq process the
+    schemes themselves name llmq's transports (``TRANSPORT_ALIASES`` is
+    kombu's table of them; ``tests/test_pinned_internals.py`` checks a
+    switch lands here)."""
+    TRANSPORT_ALIASES.update({"redis": transport_name(False), "rediss": transport_name(False),
+                              "sentinel": transport_name(True)})
+
+
+_take_kombus_schemes()

@@ -251,3 +251,19 @@ def test_the_channel_methods_fair_share_replaces_are_kombus_as_tested() -> None:
         if source_hash is not None:
             assert hashlib.sha256(inspect.getsource(method).encode()).hexdigest()[:16] == source_hash, name
 
+
+def test_a_connection_that_fails_over_to_the_next_url_keeps_llmqs_transport() -> None:
+    """Celery's reconnect switches a Sentinel broker to its next URL, and
+    kombu takes that URL's scheme for the transport; broker/transport.py
+    makes the schemes name llmq's transports, or the worker would come back
+    on kombu's own channel, which cannot read a fair-share ticket."""
+    from kombu import Connection
+
+    from broker import transport
+
+    conn = Connection("sentinel://127.0.0.1:1/0;sentinel://127.0.0.1:2/0", transport=transport.transport_name(True))
+    assert conn.get_transport_cls() is transport.SentinelTransport
+    conn.switch(conn.alt[1])  # what kombu's failover does
+    assert conn.get_transport_cls() is transport.SentinelTransport
+    assert Connection("redis://127.0.0.1:1/0").get_transport_cls() is transport.Transport
+
