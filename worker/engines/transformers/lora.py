@@ -79,7 +79,6 @@ class LoraBank:
         self._layers: dict[str, LoraLinear] = {}
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # resident adapters, least recently used first
         self._holders = [0] * (max_loras + 1)  # runs holding each slot
-        self.loads = 0
         self.loads_of: dict[str, int] = dict.fromkeys(adapters, 0)  # per adapter, for the heartbeat
         modules = dict(model.named_modules())
         for adapter in adapters.values():
@@ -101,6 +100,10 @@ class LoraBank:
                     raise AdapterError(f"LoRA adapter {adapter.name!r}: {path} is {b.shape[0]}x{a.shape[1]} in the "
                                        f"adapter, {layer.base.out_features}x{layer.base.in_features} in this base "
                                        "model: it was trained on another model")
+
+    @property
+    def loads(self) -> int:
+        return sum(self.loads_of.values())
 
     def resident(self) -> list[str]:
         return list(self._slot_of)
@@ -144,7 +147,6 @@ class LoraBank:
                     layer.A[slot, : a.shape[0]].copy_(a)
                     layer.B[slot, :, : b.shape[1]].copy_(b * adapter.scale)
         self._slot_of[name] = slot
-        self.loads += 1
         self.loads_of[name] += 1
 
     def arm(self, token_slots: list[int], device: torch.device | str) -> None:
