@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from api import errors, health, limits, web
+from api import admin, errors, health, limits, web
 from api.auth import RateLimitHeaders
 from api.batches import files
 from api.batches import routes as batches
@@ -107,5 +107,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(batches.router)
     app.include_router(responses.router)
     app.include_router(health.router)
+    app.include_router(admin.router)
     web.install(app)
     return app

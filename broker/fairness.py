@@ -144,7 +144,7 @@ def settle(client: Any, keys: Keys, job: Job, tokens: int) -> None:
     estimate it was charged to the tokens it really took."""
     if job.share is None:
         return
-    list_name = step_list(queue_name(job.model), job.priority)
+    list_name = step_list(job.queue or queue_name(job.model), job.priority)
     client.eval(_SETTLE, 2, keys.fair_waiting(list_name), keys.fair_counters(list_name), job.share.tenant,
                 (tokens - job.share.estimate) / job.share.weight)
 

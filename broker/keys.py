@@ -57,6 +57,13 @@ class Keys:
         workers are all gone (503)."""
         return f"{self.prefix}models"
 
+    def adapters(self) -> str:
+        """Hash: LoRA adapter name -> JSON ``AdapterEntry`` (its base and
+        path), never expires. Written by the API's admin routes (load,
+        unload); every worker of the base reads it each heartbeat and serves
+        what it lists (``worker/adapters.py``)."""
+        return f"{self.prefix}adapters"
+
     def waiting(self, model: str) -> str:
         """Sorted set of the model's admitted, not yet started jobs (score:
         admission time); the API's queue bound counts it atomically."""

@@ -105,6 +105,16 @@ class BatchLine(Strict):
     expires_at: float = Field(description="epoch seconds: a line not started by then is not run")
 
 
+class AdapterEntry(Strict):
+    """A LoRA adapter loaded through the API (``POST /v1/load_lora_adapter``):
+    every worker of ``base`` serves it as model ``name``."""
+
+    name: str
+    base: str = Field(description="the served name of the base model")
+    path: str = Field(description="the adapter directory, as the workers see it")
+    added_at: float
+
+
 class Share(Strict):
     """Whose job this is, for fair share between API keys (``broker/fairness.py``)."""
 
@@ -117,7 +127,8 @@ class Job(Strict):
     v: int = SCHEMA_VERSION
     job_id: str
     model: str
-    kind: Literal["chat", "completion", "embedding", "count"]  # count: the prompt's tokens, no generation
+    # count: the prompt's tokens, no generation; adapter: check a LoRA adapter for this base, nothing runs
+    kind: Literal["chat", "completion", "embedding", "count", "adapter"]
     messages: list[Message] | None = None
     prompt: str | list[int] | None = None
     inputs: list[str] | list[list[int]] | None = Field(default=None, description="embedding jobs")
@@ -138,6 +149,9 @@ class Job(Strict):
         default=None, description="a Redis stream the worker also appends each event to (XADD, entry field "
         "'event'), so a client can resume from any API process (/v1/responses)")
     share: Share | None = Field(default=None, description="fair share: None, first come first served")
+    adapter: AdapterEntry | None = Field(default=None, description="kind adapter: the adapter to check")
+    queue: str | None = Field(default=None, description="the queue it was sent on when not its model's own: a "
+                              "LoRA adapter's job sent to its base's queue (no worker holding it had room)")
     max_queue_s: float | None = Field(
         default=None, gt=0, description="how long the job may wait in its queue from submitted_at; past it, it is "
         "dropped before any engine work (x-llmq-max-queue-time, a key's or the server's default; a batch line: "
@@ -263,7 +277,16 @@ class TokenCount(_Event):
     context_length: int
 
 
-AnyEvent = Started | Delta | Done | Error | Embeddings | TokenCount
+class AdapterChecked(_Event):
+    """The whole answer of an adapter job: the worker read the adapter and it
+    fits the base; ``modules`` is how many layers it trains."""
+
+    type: Literal["adapter_checked"] = "adapter_checked"
+    rank: int
+    modules: int
+
+
+AnyEvent = Started | Delta | Done | Error | Embeddings | TokenCount | AdapterChecked
 Event = Annotated[AnyEvent, Field(discriminator="type")]
 EVENT_ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(Event)
 EVENTS_ADAPTER: TypeAdapter[list[AnyEvent]] = TypeAdapter(list[Event])

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from broker.schemas import DeclaredModel
@@ -73,6 +73,14 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
     # Named keys with limits per minute (a TOML file; api/keys.py shows its form).
     api_keys_file: Path | None = None
+    # LoRA adapter affinity: an adapter's job goes first to a worker that
+    # holds the adapter in a slot and has room, to any worker of its base
+    # otherwise (api/jobs/lifecycle.py route, worker/intake.py). Off: any
+    # worker of the base takes it, and loads it if it must.
+    lora_affinity: bool = True
+    # The admin key: loads and unloads LoRA adapters (api/admin.py). Unset,
+    # those routes refuse every call.
+    admin_key: SecretStr | None = Field(default=None, repr=False)
     # CORS for browser front ends on other origins: closed unless listed; "*" allowed.
     cors_allow_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     cors_allow_methods: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["GET", "POST", "OPTIONS"])

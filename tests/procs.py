@@ -90,6 +90,13 @@ def start_redis(tmp: Path, port: int | None = None) -> tuple[Proc, int]:
     return proc, port
 
 
+def quick_env(redis_port: int, **more: str) -> dict[str, str]:
+    """Settings for a test stack on ``redis_port`` whose registry follows a
+    worker within a second: half-second heartbeats, a 2 s TTL, a 0.2 s cache."""
+    return {"LLMQ_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "LLMQ_HEARTBEAT_INTERVAL_S": "0.5",
+            "LLMQ_HEARTBEAT_TTL_S": "2.0", "LLMQ_REGISTRY_CACHE_S": "0.2", **more}
+
+
 def start_api(env: dict[str, str], name: str = "api", log_level: str = "warning") -> tuple[Proc, str]:
     port = free_port()
     proc = spawn(name, [sys.executable, "-m", "cli.main", "api", "--port", str(port), "--log-level", log_level], env)

@@ -19,7 +19,7 @@ from broker import batches
 from broker.keys import Keys
 from broker.schemas import BatchLine, Job, LineResult
 from broker.settings import Settings
-from worker import runtime as runtime_module
+from worker import lines as lines_module
 from worker.engines.registry import EngineOptions
 from worker.publish import Publisher
 from worker.runtime import Runtime
@@ -54,7 +54,7 @@ def test_a_line_whose_result_cannot_be_stored_goes_back_to_the_queue_and_is_stor
     calls: list[str] = []
     monkeypatch.setattr(batches, "record", failing_once(batches.record, calls, "record"))
     # Redis is still away when the worker frees the claim: it waits for it.
-    monkeypatch.setattr(runtime_module, "release", failing_once(runtime_module.release, calls, "release"))
+    monkeypatch.setattr(lines_module, "release", failing_once(lines_module.release, calls, "release"))
 
     with caplog.at_level(logging.ERROR, logger="llmq.worker"), pytest.raises(Reject) as rejected:
         rt.run(job)

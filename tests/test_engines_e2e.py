@@ -33,11 +33,14 @@ import redis
 
 from broker.settings import Settings
 from cli.argv import engine_python
+from tests.loras import PHRASES, build
 from tests.procs import DEMO_MODEL_DIR, NO_END_BIAS, Proc, spawn, start_api, start_redis, wait_for, wait_model
 
 pytestmark = pytest.mark.e2e
 
 ENGINES = ["transformers", "vllm", "llama.cpp", "synthetic"]
+LORA_ENGINES = ("transformers", "vllm")  # the others refuse --lora at start (README, "LoRA adapters")
+ADAPTER = "alpha"  # one of tests/loras.py's adapters, served beside the base as its own model
 MODEL = "m"
 TTL_S = 2.0
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
@@ -76,6 +79,8 @@ def stack_env(redis_port: int) -> dict[str, str]:
 def start_engine_worker(engine: str, env: dict[str, str], name: str) -> Proc:
     path = gguf() if engine == "llama.cpp" else str(DEMO_MODEL_DIR)
     extra = {"vllm": ["--dtype", "float32"], "synthetic": ["--synthetic-prefill-us", "2000"]}.get(engine, [])
+    if engine in LORA_ENGINES:
+        extra += ["--lora", f"{ADAPTER}={build()[ADAPTER]}"]
     argv = [sys.executable, "-m", "cli.main", "worker", "--engine", engine, "--model-path", path,
             "--model-name", MODEL, "--concurrency", "4", "--hostname", f"{name}@%h", *extra]
     return spawn(name, argv, env)
@@ -146,6 +151,20 @@ def test_chat_shape_and_usage(es: EngineStack) -> None:
     assert r.usage.prompt_tokens == len(ids)
     assert 0 < r.usage.completion_tokens <= 24
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_a_lora_adapter_answers_as_it_was_trained_and_the_base_does_not(es: EngineStack) -> None:
+    if es.engine not in LORA_ENGINES:
+        pytest.skip(f"the {es.engine} engine refuses --lora at start (tested in tests/test_lora_e2e.py)")
+    card = models(es.base_url)[ADAPTER]
+    assert card["parent"] == MODEL and card["workers"] == 2
+
+    def answer(model: str) -> str:
+        r = es.client().chat.completions.create(model=model, messages=STORY, temperature=0, max_tokens=16)
+        return r.choices[0].message.content or ""
+
+    assert answer(ADAPTER) == PHRASES[ADAPTER]
+    assert answer(MODEL) != PHRASES[ADAPTER]
 
 
 def test_stream_equals_non_stream(es: EngineStack) -> None:

@@ -20,7 +20,8 @@ import openai
 import pytest
 
 from tests.loras import PHRASES, build, foreign
-from tests.procs import DEMO_MODEL, DEMO_MODEL_DIR, Proc, spawn, start_api, start_redis, start_worker, wait_model
+from tests.procs import (DEMO_MODEL, DEMO_MODEL_DIR, Proc, quick_env, spawn, start_api, start_redis, start_worker,
+                         wait_model)
 
 pytestmark = pytest.mark.e2e
 
@@ -39,8 +40,7 @@ class Served:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     adapters = build()
     redis, port = start_redis(tmp_path_factory.mktemp("redis-lora"))
-    env = {"LLMQ_REDIS_URL": f"redis://127.0.0.1:{port}/0", "LLMQ_HEARTBEAT_INTERVAL_S": "0.5",
-           "LLMQ_HEARTBEAT_TTL_S": "2.0", "LLMQ_REGISTRY_CACHE_S": "0.2"}
+    env = quick_env(port)
     api, base = start_api(env, name="api-lora")
     # Two slots for four adapters: the others wait for one to be free.
     worker = start_worker(env, "worker-lora", concurrency=10,
@@ -125,3 +125,21 @@ def test_an_adapter_the_base_cannot_take_stops_the_worker_with_the_reason(
     assert proc.popen.returncode not in (None, 0), proc.tail()
     assert "cannot start" in proc.tail() and reason in proc.tail(), proc.tail()
     assert "bad-lora-base" not in {m["id"] for m in httpx.get(f"{served.base}/v1/models", timeout=5).json()["data"]}
+
+
+@pytest.mark.parametrize(("engine", "option", "reason"), [
+    ("llama.cpp", "--lora", "the llama.cpp engine does not serve LoRA adapters (--lora)"),
+    ("vllm", "--lora-dir", "--lora-dir is served by engines that load adapters while they run; vllm does not"),
+])
+def test_an_engine_that_cannot_serve_the_adapters_refuses_to_start(
+        served: Served, tmp_path: Path, engine: str, option: str, reason: str) -> None:
+    value = f"alpha={tmp_path}" if option == "--lora" else str(tmp_path)
+    argv = [sys.executable, "-m", "cli.main", "worker", "--engine", engine, "--model-path", str(DEMO_MODEL_DIR),
+            "--model-name", "refused-lora", "--concurrency", "2", "--hostname", f"worker-refused-{engine}@%h",
+            option, value]
+    proc = spawn(f"worker-refused-{engine}", argv, served.env)
+    deadline = time.monotonic() + 120
+    while proc.popen.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert proc.popen.returncode not in (None, 0), proc.tail()
+    assert f"cannot start: {reason}" in proc.tail(), proc.tail()

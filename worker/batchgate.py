@@ -43,6 +43,7 @@ class BatchGate:
         self._peak = 0
         self._peak_at = 0.0
         self._consumer: Any = None
+        self._listed = set(queues)
 
     def held(self, batch: bool) -> None:
         with self._lock:
@@ -76,21 +77,28 @@ class BatchGate:
         ``consumer.task_consumer`` is one of the consumer attributes Celery's
         bootsteps guide documents (the kombu Consumer of task messages), and
         ``consuming_from``/``add_queue``/``consume``/``cancel_by_queue`` are
-        kombu's public Consumer API: no private use here."""
+        kombu's public Consumer API, ``cancel_task_queue`` Celery's: no
+        private use here. ``queues`` may change (LoRA adapters come and go):
+        a queue no longer listed is left for good."""
         if consumer is not None:
             self._consumer = consumer
         tasks = getattr(self._consumer, "task_consumer", None)
-        if tasks is None or not self.queues:
+        if tasks is None:
             return
+        queues = list(self.queues)
+        for name in self._listed - set(queues):
+            self._consumer.cancel_task_queue(name)
+        self._listed = set(queues)
         want = self.room() > 0
         # Asked of kombu each time: after a reconnection Celery consumes every selected queue again.
-        if want == tasks.consuming_from(self.queues[0]):
+        changed = [name for name in queues if tasks.consuming_from(name) != want]
+        if not changed:
             return
-        if want:
-            for name in self.queues:
-                tasks.add_queue(self._consumer.app.amqp.queues[name])
-            tasks.consume()
-        else:
-            for name in self.queues:
+        for name in changed:
+            if want:
+                tasks.add_queue(self._consumer.app.amqp.queues.select_add(name))
+            else:
                 tasks.cancel_by_queue(name)
-        log.debug("batch queues %s", "resumed" if want else "paused")
+        if want:
+            tasks.consume()
+        log.debug("batch queues %s %s", ", ".join(changed), "resumed" if want else "paused")

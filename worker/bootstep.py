@@ -23,7 +23,7 @@ from celery import Celery, bootsteps
 from broker.connections import sync_redis
 from broker.settings import Settings
 from worker.embeddings import is_embedding_model, load_embedding
-from worker.engines.registry import DEFAULT, TOOL_FORMATS, EngineKind, kind_of, kinds
+from worker.engines.registry import DEFAULT, MAX_LORA_RANK, MAX_LORAS, TOOL_FORMATS, EngineKind, kind_of, kinds
 from worker.hubwake import HubWaker
 from worker.loading import ModelLoadError, ModelSpec
 from worker.publish import Publisher
@@ -56,6 +56,15 @@ OPTIONS = [
                  help="tokens per published update after a choice's first, as FastChat's model worker takes it"),
     click.Option(["--tool-call-parser"], type=click.Choice(TOOL_FORMATS), default=None,
                  help="how the model writes tool calls; default: read from its chat template, else generic"),
+    click.Option(["--lora"], multiple=True, metavar="NAME=PATH",
+                 help="transformers, vllm: serve a PEFT LoRA adapter of the model as model NAME; repeatable"),
+    click.Option(["--lora-dir"], default=None, metavar="DIR",
+                 help="transformers: serve each PEFT adapter directory in DIR as a model of its directory's name, "
+                      "found while the worker runs and read on first use"),
+    click.Option(["--max-loras"], type=click.IntRange(min=1), default=MAX_LORAS,
+                 help="transformers, vllm: adapters resident at once (the least recently used one gives way)"),
+    click.Option(["--max-lora-rank"], type=click.IntRange(min=1), default=MAX_LORA_RANK,
+                 help="transformers, vllm: the highest adapter rank taken; a higher one is refused"),
     click.Option(["--load-8bit"], is_flag=True, default=False, help="8-bit weights (bitsandbytes)"),
     click.Option(["--load-4bit"], is_flag=True, default=False, help="4-bit NF4 weights (bitsandbytes)"),
     click.Option(["--num-gpus"], type=int, default=1, help="spread each model over this many GPUs"),
@@ -97,9 +106,10 @@ class LLMQStep(bootsteps.StartStopStep):
         app = worker.app
         settings: Settings = app.llmq_settings
         kind = kind_of(opts.get("engine") or DEFAULT)
-        if opts.get("lora") and kind.name != "transformers":
-            raise SystemExit(f"llmq worker: cannot start: --lora is served by --engine transformers; the {kind.name} "
-                             "engine does not take LoRA adapters yet")
+        lora = bool(opts.get("lora") or opts.get("lora_dir"))
+        problem = kind.lora_problem(opts)
+        if problem is not None:
+            raise SystemExit(f"llmq worker: cannot start: {problem}")
         publisher = Publisher(sync_redis(settings), settings.responses_stream_max_events, settings.responses_ttl_s)
         try:
             options = kind.options_type.read(opts)
@@ -107,8 +117,9 @@ class LLMQStep(bootsteps.StartStopStep):
                 options = kind.before_load(options)
             specs = specs_from_options(opts, kind)
             embed = [s for s in specs if is_embedding_model(s.path)]
-            if opts.get("lora") and len(specs) - len(embed) != 1:
-                raise ModelLoadError("--lora adapters need exactly one --model-path (their base) in the worker")
+            if lora and len(specs) - len(embed) != 1:
+                raise ModelLoadError("--lora and --lora-dir adapters need exactly one --model-path (their base) in "
+                                     "the worker")
             build = kind.engine_class()
             engines = [build(s, options, publisher) for s in specs if not is_embedding_model(s.path)]
             embedders = [load_embedding(s) for s in embed]
@@ -139,7 +150,10 @@ class LLMQStep(bootsteps.StartStopStep):
             # (a thread freed is room for a batch line). That wake-up also
             # makes kombu ask for the next job at once (worker/hubwake.py).
             def gate() -> None:
-                self.runtime.gate.apply(getattr(worker, "consumer", None))
+                consumer = getattr(worker, "consumer", None)
+                if consumer is not None:
+                    self.runtime.intake.apply(consumer)
+                self.runtime.gate.apply(consumer)
 
             def tick() -> None:
                 gate()

@@ -11,14 +11,22 @@ and ``adapter_model.safetensors``, whose tensors are named
 ``scale * B @ A`` with ``scale = lora_alpha / r`` (``/ sqrt(r)`` with
 ``use_rslora``). Variants llmq does not apply (DoRA, trained biases, extra
 trained modules) are refused, never half-applied.
+
+An adapter's config is read when it is named (``read``: at the worker's
+start for ``--lora``, when it is found for ``--lora-dir`` or loaded through
+the API); its tensors when a slot first takes it (``Adapter.weights``), so a
+directory of many adapters costs memory only for those in use.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import itertools
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +35,10 @@ from worker.loading import ModelLoadError, ModelSpec
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+_SERIALS = itertools.count(1)
+# What a served model name may be (it becomes a queue's name): a directory of
+# --lora-dir under another name is not served, and says so in the log.
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
 
 class AdapterError(ModelLoadError):
@@ -40,8 +52,23 @@ class Adapter:
     rank: int
     scale: float
     base: str | None  # base_model_name_or_path, as trained
-    # module path (as the base model names it) -> (A [r, in], B [out, r]), on the CPU
-    weights: dict[str, tuple[Any, Any]] = field(repr=False)
+    # One per adapter read, never reused: what the engine's prefix cache keys
+    # an adapter's KV blocks by, so one loaded again under a name shares none.
+    serial: int = field(default_factory=lambda: next(_SERIALS))
+
+    @cached_property
+    def weights(self) -> dict[str, tuple[Any, Any]]:
+        """Module path (as the base model names it) -> (A ``[r, in]``, B
+        ``[out, r]``), on the CPU; read from disk the first time it is asked for."""
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(self.path / WEIGHTS), device="cpu")
+        except FileNotFoundError:
+            raise AdapterError(f"LoRA adapter {self.name!r} ({self.path}): no {WEIGHTS}") from None
+        except Exception as exc:  # a truncated or foreign file: safetensors' own errors vary
+            raise AdapterError(f"LoRA adapter {self.name!r} ({self.path}/{WEIGHTS}): {exc}") from None
+        return _pairs(self.name, tensors.items())
 
 
 def parse_option(value: str) -> tuple[str, str]:
@@ -86,10 +113,21 @@ def _same_base(trained_on: str | None, spec: ModelSpec) -> bool:
     return wanted in ours
 
 
-def read(name: str, path: str | Path, spec: ModelSpec, max_rank: int) -> Adapter:
-    """Read and check an adapter for the base ``spec``; raises AdapterError with the reason."""
-    from safetensors.torch import load_file
+def scan(directory: str | Path) -> dict[str, Path]:
+    """``--lora-dir``: each subdirectory holding an adapter config, by its name."""
+    root = Path(directory)
+    try:
+        found = sorted(p for p in root.iterdir() if (p / CONFIG).is_file())
+    except OSError:
+        return {}
+    return {p.name: p for p in found}
 
+
+def read(name: str, path: str | Path, spec: ModelSpec, max_rank: int) -> Adapter:
+    """Read and check an adapter's config for the base ``spec`` (its tensors
+    are read on first use); raises AdapterError with the reason."""
+    if not NAME.match(name):
+        raise AdapterError(f"LoRA adapter name {name!r}: use letters, digits and _ . : - (at most 128)")
     root = Path(path)
     cfg = _config(root)
     refusal = _refusal(cfg)
@@ -107,11 +145,7 @@ def read(name: str, path: str | Path, spec: ModelSpec, max_rank: int) -> Adapter
                            f"{spec.path!r} ({', '.join(spec.served_names())})")
     alpha = float(cfg.get("lora_alpha") or rank)
     scale = alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
-    try:
-        tensors = load_file(str(root / WEIGHTS), device="cpu")
-    except FileNotFoundError:
-        raise AdapterError(f"LoRA adapter {name!r} ({root}): no {WEIGHTS}") from None
-    return Adapter(name=name, path=root, rank=rank, scale=scale, base=base, weights=_pairs(name, tensors.items()))
+    return Adapter(name=name, path=root, rank=rank, scale=scale, base=base)
 
 
 def _pairs(name: str, tensors: Iterable[tuple[str, Any]]) -> dict[str, tuple[Any, Any]]:

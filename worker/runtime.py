@@ -11,22 +11,26 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import redis
 from celery.exceptions import Reject
 
-from broker import __version__, batches, fairness
+from broker import __version__, fairness
 from broker.connections import sync_redis
-from broker.control import MAX_QUEUE_TIME_EXCEEDED, Claim, claim, is_cancelled, linger, release, started_mark
+from broker.control import MAX_QUEUE_TIME_EXCEEDED, Claim, claim, is_cancelled, linger, started_mark
 from broker.keys import Keys, batch_queue_name, queue_name
-from broker.schemas import Delta, Embeddings, Error, Heartbeat, Job, LineResult, ModelInfo, Started, TokenCount
+from broker.schemas import (AdapterChecked, Delta, Embeddings, Error, Heartbeat, Job, ModelInfo, Started,
+                            TokenCount)
 from broker.settings import Settings
+from worker.adapters import AdapterSync, adapter_figures, adapters_of, hosts, resident_adapters
 from worker.batchgate import BatchGate
 from worker.embeddings import EmbeddingModel, InputTooLong
 from worker.engines.protocol import Engine, Refused
 from worker.engines.registry import EngineOptions
 from worker.heartbeat import Heart
+from worker.intake import Intake
+from worker.lines import run_line
+from worker.lora import AdapterError
 from worker.prompts import PromptError, prompt_ids
 from worker.publish import Publisher
 from worker.redelivery import Redelivery
@@ -52,19 +56,58 @@ class Runtime:
         self.embedders: dict[str, EmbeddingModel] = {name: m for m in embedders for name in m.names}
         self.started_at = time.time()
         self.redelivery = redelivery
-        self.heart = Heart(self.redis, self.keys, self.heartbeat, settings.heartbeat_interval_s,
+        self.gate = BatchGate(self.batch_queues(), options.max_batch_size, batch_reserve)
+        # Adapters of --lora-dir and those loaded through the API, served from
+        # the start (their queues are selected with the others) and followed
+        # at each heartbeat.
+        self.adapters = AdapterSync(self.redis, self.keys, hosts(self._engines), getattr(options, "lora_dir", None),
+                                    self._adapter_changed)
+        self._sync_adapters()
+        self.intake = Intake(self.redis, self.queues, grace_s=2 * settings.heartbeat_interval_s
+                             + settings.registry_cache_s + 1.0)
+        self.heart = Heart(self.redis, self.keys, self._beat, settings.heartbeat_interval_s,
                            settings.heartbeat_ttl_ms(), tick=redelivery.tick if redelivery else None)
         self._cancel_thread = threading.Thread(target=self._listen_cancels, name="llmq-cancels", daemon=True)
-        self._stopping = threading.Event()
+        self.stopping = threading.Event()
         self._watchdog = threading.Thread(target=self._watch_engines, name="llmq-watchdog", daemon=True)
-        self.gate = BatchGate(self.batch_queues(), options.max_batch_size, batch_reserve)
         publisher.on_unheard(self.cancel_unheard)
 
     def queues(self) -> list[str]:
-        return [queue_name(name) for name in [*self.engines, *self.embedders]]
+        """The queues this worker takes jobs from now: each model's, but a
+        LoRA adapter's only while one of its slots holds the adapter (with
+        ``lora_affinity``): the API sends an adapter's job there when such a
+        worker has room, and to the base's queue otherwise, whose taker loads
+        the adapter and so starts taking from its queue."""
+        names = [*self.engines, *self.embedders]
+        if self.settings.lora_affinity:
+            held = {n for e in self._engines for n in resident_adapters(e)}
+            adapters = {n for e in self._engines for n in adapters_of(e)}
+            names = [n for n in names if n not in adapters or n in held]
+        return [queue_name(name) for name in names]
 
     def batch_queues(self) -> list[str]:
         return [batch_queue_name(name) for name in [*self.engines, *self.embedders]]
+
+    # ------------------------------------------------ adapters come and go
+
+    def _beat(self) -> Heartbeat:
+        self._sync_adapters()
+        return self.heartbeat()
+
+    def _sync_adapters(self) -> None:
+        try:
+            self.adapters.sync()
+        except Exception:  # never the heartbeat's end: the adapters served stay as they were
+            log.exception("worker %s: could not update its LoRA adapters", self.worker_id)
+
+    def _adapter_changed(self, name: str, engine: Engine | None) -> None:
+        """Heart thread. Celery's consumer takes the change up on its next
+        tick (``worker/intake.py``); the batch gate's queues follow."""
+        if engine is None:
+            self.engines.pop(name, None)
+        else:
+            self.engines[name] = engine
+        self.gate.queues = self.batch_queues()
 
     def start(self) -> None:
         for engine in self._engines:
@@ -82,7 +125,7 @@ class Runtime:
         deadline = time.monotonic() + self.settings.drain_timeout_s
         while any(e.emitter.running for e in self._engines) and time.monotonic() < deadline:
             time.sleep(0.1)
-        self._stopping.set()
+        self.stopping.set()
         for engine in self._engines:
             engine.stop()
         if self.redelivery is not None:  # its heartbeat tick has stopped with the heart
@@ -118,7 +161,7 @@ class Runtime:
         engine core dies) ends the worker as a crash would: it leaves the
         registry, its jobs end with an error event, and it shuts down, so a
         supervisor (compose's restart policy, systemd) can start it again."""
-        while not self._stopping.wait(ENGINE_CHECK_S):
+        while not self.stopping.wait(ENGINE_CHECK_S):
             dead = [e for e in self._engines if not e.healthy()]
             if not dead:
                 continue
@@ -141,86 +184,16 @@ class Runtime:
             self.publisher.stream(job.job_id, job.events_stream)
         try:
             if job.batch is not None:
-                return self._run_line(job)
-            return self._run(job)
+                return run_line(self, job)
+            return self.run_job(job)
         except Reject:
-            raise  # a batch line given back to the queue (_run_line): Celery puts its message back
+            raise  # a batch line given back to the queue (worker/lines.py): Celery puts its message back
         except Exception as exc:
-            return self._crashed(job, exc)
+            return self.crashed(job, exc)
         finally:
             self.publisher.unstream(job.job_id)
 
-    def _run_line(self, job: Job) -> dict[str, object]:
-        """A batch line: run like any job, but its events are kept and
-        stored once as the line's result. A line whose batch is no longer in
-        progress (cancelled, expired) is stored as skipped, not run. A line
-        that cannot reach Redis (down at that moment) goes back to the
-        queue: acknowledged, it would be lost, and its batch would wait for
-        it to the end of its window."""
-        assert job.batch is not None
-        line, jid = job.batch, job.job_id
-        try:
-            status = batches.batch_status(self.redis, self.keys, line.batch_id)
-            expired = time.time() > line.expires_at
-            if status != batches.IN_PROGRESS or expired:
-                if status is None:  # the batch is gone (deleted, or past its keep time)
-                    return {"job_id": jid, "status": "batch_gone"}
-                skipped = "batch_expired" if expired or status == batches.EXPIRED else "batch_cancelled"
-                batches.record(self.redis, self.keys, line.batch_id, LineResult(
-                    index=line.index, custom_id=line.custom_id, job_id=jid, skipped=skipped,
-                    finished_at=time.time()))
-                log.info("job %s: line %d of batch %s not run (%s)", jid, line.index, line.batch_id, skipped)
-                return {"job_id": jid, "status": skipped}
-            self.publisher.keep(jid)
-            try:
-                try:
-                    result = self._run(job)
-                except Exception as exc:  # here, so that its error event is kept with the line's
-                    result = self._crashed(job, exc)
-            finally:
-                events = self.publisher.take(jid)
-            if result.get("status") == "duplicate":
-                if batches.has_result(self.redis, self.keys, line.batch_id, line.index):
-                    return result  # another copy of the line ran it
-                # Its claimer still looks alive: a live worker runs it, or a
-                # dead one whose registry entry outlived the visibility of its
-                # message (it died between its beat and re-scoring what it
-                # held). Acknowledged, this copy would be the line's last, and
-                # its batch would wait for it to the end of its window: it
-                # goes back to the queue, and comes again until the line has
-                # a result or its claimer has left the registry.
-                log.warning("job %s: line %d of batch %s is claimed by a worker that looks alive and has no result "
-                            "yet; back to the queue in %.1f s", jid, line.index, line.batch_id,
-                            self.settings.heartbeat_interval_s)
-                self._stopping.wait(self.settings.heartbeat_interval_s)
-                raise Reject(f"line {line.index} of batch {line.batch_id}: claimed elsewhere, no result yet",
-                             requeue=True)
-            stored = batches.record(self.redis, self.keys, line.batch_id, LineResult(
-                index=line.index, custom_id=line.custom_id, job_id=jid, events=events, finished_at=time.time()))
-        except redis.RedisError as exc:
-            log.error("job %s: line %d of batch %s could not reach Redis (%s: %s); it goes back to the queue and "
-                      "runs again once Redis answers (its batch waits for it)", jid, line.index, line.batch_id,
-                      type(exc).__name__, exc)
-            # The copy put back must not find this run's claim, or it would be
-            # skipped as a duplicate: so wait for Redis, however long it is
-            # away. A worker that stops leaves the registry, which frees the
-            # claim for a copy as well (broker/control.py).
-            delay = 0.1
-            while True:
-                try:
-                    release(self.redis, self.keys, jid, self.worker_id)
-                    break
-                except redis.RedisError:
-                    if self._stopping.wait(delay):
-                        break
-                    delay = min(2 * delay, self.settings.heartbeat_interval_s)
-            raise Reject(f"line {line.index} of batch {line.batch_id}: no result stored", requeue=True) from exc
-        if not stored:
-            log.warning("job %s: line %d of batch %s already had a result; this run's is dropped", jid, line.index,
-                        line.batch_id)
-        return result
-
-    def _run(self, job: Job) -> dict[str, object]:
+    def run_job(self, job: Job) -> dict[str, object]:
         jid = job.job_id
         if is_cancelled(self.redis, self.keys, jid):
             log.info("job %s: cancelled while queued, skipped", jid)
@@ -267,6 +240,8 @@ class Runtime:
         engine = self.engines.get(job.model)
         if engine is None:
             return self._fail(job, 404, "model_not_found", "model", f"This worker does not serve '{job.model}'.")
+        if job.kind == "adapter":
+            return self._check_adapter(job, engine)
         try:
             engine.check(job)
             ids = prompt_ids(engine.tokenizer, job, engine.vocab_size, engine.tool_format)
@@ -335,6 +310,24 @@ class Runtime:
                                                                context_length=engine.context_length))])
         return {"job_id": job.job_id, "status": "counted", "prompt_tokens": len(ids)}
 
+    def _check_adapter(self, job: Job, engine: Engine) -> dict[str, object]:
+        """Before the API lists an adapter loaded through it: read the
+        adapter here and check it against this base, as a job of its own
+        would, without taking a slot; a refusal is a 400 with the reason."""
+        assert job.adapter is not None
+        check = getattr(engine, "loras", None)
+        if check is None:
+            return self._fail(job, 400, "invalid_adapter", "lora_path",
+                              f"The {engine.kind} engine serving '{job.model}' does not take LoRA adapters.")
+        try:
+            adapter = engine.read_adapter(job.adapter.name, job.adapter.path)  # type: ignore[attr-defined]
+            check.check(adapter)
+        except AdapterError as exc:
+            return self._fail(job, 400, "invalid_adapter", "lora_path", str(exc))
+        self.publisher.publish([(job.reply_channel, AdapterChecked(job_id=job.job_id, seq=0, rank=adapter.rank,
+                                                                   modules=len(adapter.weights)))])
+        return {"job_id": job.job_id, "status": "adapter_checked", "adapter": adapter.name}
+
     def _embed(self, job: Job) -> dict[str, object]:
         embedder = self.embedders.get(job.model)
         if embedder is None:
@@ -348,7 +341,7 @@ class Runtime:
         log.info("job %s: embedded %d inputs, %d tokens", job.job_id, len(vectors), tokens)
         return {"job_id": job.job_id, "status": "embedded", "prompt_tokens": tokens}
 
-    def _crashed(self, job: Job, exc: Exception) -> dict[str, object]:
+    def crashed(self, job: Job, exc: Exception) -> dict[str, object]:
         log.exception("job %s: failed", job.job_id)
         return self._fail(job, 500, "worker_error", None, f"The worker failed this job: {type(exc).__name__}")
 
@@ -374,11 +367,11 @@ class Runtime:
                     engine.cancel(job_id)
 
     def _listen_cancels(self) -> None:
-        while not self._stopping.is_set():
+        while not self.stopping.is_set():
             try:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(self.keys.cancel_channel())
-                while not self._stopping.is_set():
+                while not self.stopping.is_set():
                     msg = pubsub.get_message(timeout=1.0)
                     if msg is None:
                         continue
@@ -388,18 +381,3 @@ class Runtime:
             except redis.RedisError as exc:
                 log.warning("cancel listener lost Redis (%s); reconnecting", exc)
                 time.sleep(1.0)
-
-
-def adapters_of(engine: Engine) -> list[str]:
-    """The LoRA adapters an engine serves as model names (only the transformers engine has any)."""
-    return list(getattr(engine, "adapters", {}))
-
-
-def adapter_figures(engine: Engine, name: str) -> dict[str, Any]:
-    """What a heartbeat says of a served name that is a LoRA adapter: its base, whether it is resident, its loads."""
-    if name in engine.names:
-        return {}
-    bank = getattr(engine, "loras", None)
-    return {"parent": engine.names[0], "resident": bank is not None and name in bank.resident(),
-            "loads": bank.loads_of.get(name, 0) if bank is not None else 0}
-

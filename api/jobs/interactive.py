@@ -18,7 +18,7 @@ from api.jobs.replies import AnyEvent, Mailbox, ReplyRouter, Ticker, next_event
 from api.keys import NamedKey
 from api.metrics import JobFigures, Metrics
 from broker.control import MAX_QUEUE_TIME_EXCEEDED
-from broker.schemas import Delta, Done, Embeddings, Error, Job, Started, TokenCount
+from broker.schemas import AdapterChecked, Delta, Done, Embeddings, Error, Job, Started, TokenCount
 
 log = logging.getLogger("llmq.api.jobs")
 
@@ -255,8 +255,15 @@ class Interactive:
             return ev
         raise self._unexpected(ev)
 
+    async def check_adapter(self, job: Job) -> AdapterChecked:
+        """An adapter job's answer: a worker of the base read the adapter and it fits (``api/admin.py``)."""
+        ev = await self._one_event(job)
+        if isinstance(ev, AdapterChecked):
+            return ev
+        raise self._unexpected(ev)
+
     async def _one_event(self, job: Job) -> AnyEvent:
-        """The one event that is the whole answer of an embedding or count job."""
+        """The one event that is the whole answer of an embedding, count or adapter job."""
         job = job.model_copy(update={"reply_channel": self._router.channel})
         try:
             _, ev = await self._start(job)

@@ -50,7 +50,7 @@ from broker.celery_app import GENERATE_TASK
 from broker.control import admit, give_up_queued, leave_waiting, request_cancel
 from broker.keys import Keys, batch_queue_name, queue_name
 from broker.registry import Registry
-from broker.schemas import Job, ModelInfo, Share
+from broker.schemas import AdapterEntry, Job, ModelInfo, Share
 from broker.settings import Settings
 
 log = logging.getLogger("llmq.api.jobs")
@@ -137,7 +137,7 @@ def _send_job(celery: Celery, job: Job) -> None:
     celery.send_task(
         GENERATE_TASK,
         kwargs={"job": job.model_dump(mode="json")},
-        queue=batch_queue_name(job.model) if job.batch is not None else queue_name(job.model),
+        queue=batch_queue_name(job.model) if job.batch is not None else job.queue or queue_name(job.model),
         task_id=job.job_id,
         priority=job.priority,
         expires=None if deadline is None else datetime.fromtimestamp(deadline, UTC),
@@ -175,8 +175,12 @@ class Jobs:
         bound: counted atomically in Redis, across API processes, until
         ``release``). Raises the APIError to answer."""
         live = (await self.registry.live_models()).get(model)
+        loading = live is None and await self._loading(model)
         if live is not None:
             check_kind(model, live.info, kind)
+        elif loading:
+            if kind != "chat":
+                raise wrong_model_kind(model, "chat")
         else:
             declared = self.settings.declared(model)
             if declared is None or self.settings.wait_for_worker_s <= 0:
@@ -188,7 +192,18 @@ class Jobs:
         admitted = await admit(self._redis, self._keys, model, job_id, bound, self.settings.first_event_timeout_s)
         if admitted < 0:
             raise queue_full(model, -admitted, await self.retry_after(model, -admitted))
-        return live is not None
+        return live is not None or loading
+
+    async def _loading(self, model: str) -> bool:
+        """``model`` is an adapter just loaded through the API whose base has
+        a live worker that has not announced it yet (``api/admin.py``): its
+        jobs wait in the queue for that worker's next heartbeat."""
+        entry = await self._catalogued(model)
+        return entry is not None and entry.base in await self.registry.live_models()
+
+    async def _catalogued(self, model: str) -> AdapterEntry | None:
+        raw = await self._redis.hget(self._keys.adapters(), model)
+        return None if raw is None else AdapterEntry.model_validate_json(raw)
 
     async def retry_after(self, model: str, waiting: int | None = None) -> int:
         """When a client refused for ``model`` should come back: its queue's
@@ -235,11 +250,31 @@ class Jobs:
                      weight=key.weight if key is not None else 1.0, estimate=fairness.estimate(job))
 
     async def send(self, job: Job) -> None:
+        job = await self.route(job)
         # On asyncio's own executor, whose threads live as long as the
         # process: Celery builds its result backend once per thread that
         # sends (scanning every installed package's entry points, ~6 ms),
         # and the threadpool Starlette offers ends threads idle for 10 s.
         await asyncio.to_thread(_send_job, self._celery, job)
+
+    async def route(self, job: Job) -> Job:
+        """LoRA adapter affinity: an adapter's job goes to the adapter's own
+        queue, which only workers holding it in a slot take from
+        (``worker/intake.py``), when one of them has room; otherwise to its
+        base's queue, where any worker of the base takes it and loads it.
+        Every other job goes to its model's queue."""
+        if not self.settings.lora_affinity or job.batch is not None:
+            return job
+        live = (await self.registry.live_models()).get(job.model)
+        if live is None:  # an adapter just loaded, not announced yet, goes to its base's queue
+            entry = await self._catalogued(job.model)
+            return job if entry is None else job.model_copy(update={"queue": queue_name(entry.base)})
+        if live.info.parent is None:
+            return job
+        if any(w.running < w.capacity and any(m.name == job.model and m.resident for m in w.models)
+               for w in live.workers):
+            return job.model_copy(update={"queue": None})
+        return job.model_copy(update={"queue": queue_name(live.info.parent)})
 
     def send_now(self, jobs: Iterable[Job]) -> None:
         """Send several jobs from a worker thread (a batch's lines)."""

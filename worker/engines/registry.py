@@ -40,7 +40,7 @@ import pkgutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import click
 
@@ -54,6 +54,8 @@ GROUP = "llmq.engines"
 DEFAULT = "transformers"
 # worker/toolcalls.py's formats, named here so that reading options imports no engine.
 TOOL_FORMATS = ("hermes", "llama3_json", "mistral", "generic")
+MAX_LORAS = 4
+MAX_LORA_RANK = 16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +69,11 @@ class EngineOptions:
     prefix_caching: bool = True  # the transformers and vLLM engines; llama-server always caches prompts
     tool_call_parser: str | None = None  # one of TOOL_FORMATS; None: from the chat template
     stream_interval: int = 1  # tokens per published Delta after a choice's first (worker/engines/emitter.py)
+    # LoRA adapters (worker/lora.py), for the engines that serve them (transformers, vLLM):
+    loras: tuple[tuple[str, str], ...] = ()  # --lora NAME=PATH: adapters served as model names
+    lora_dir: str | None = None  # --lora-dir: each adapter directory in it, by its name (worker/adapters.py)
+    max_loras: int = MAX_LORAS  # adapters resident at once
+    max_lora_rank: int = MAX_LORA_RANK
 
     @classmethod
     def read(cls, opts: Mapping[str, Any]) -> Self:
@@ -75,9 +82,14 @@ class EngineOptions:
 
     @staticmethod
     def common(opts: Mapping[str, Any]) -> dict[str, Any]:
+        from worker.lora import parse_option
+
         return {"engine": opts.get("engine") or DEFAULT, "max_batch_size": opts.get("max_batch_size") or 16,
                 "kv_cache_tokens": opts.get("kv_cache_tokens"), "prefix_caching": opts.get("prefix_caching", True),
-                "tool_call_parser": opts.get("tool_call_parser"), "stream_interval": opts.get("stream_interval") or 1}
+                "tool_call_parser": opts.get("tool_call_parser"), "stream_interval": opts.get("stream_interval") or 1,
+                "loras": tuple(parse_option(v) for v in opts.get("lora") or ()), "lora_dir": opts.get("lora_dir"),
+                "max_loras": opts.get("max_loras") or MAX_LORAS,
+                "max_lora_rank": opts.get("max_lora_rank") or MAX_LORA_RANK}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,6 +111,17 @@ class EngineKind:
     # False: the engine needs no model files (the synthetic engine), so a
     # model may be only a --model-name; its --model-path, if any, is optional.
     weights: bool = True
+    # LoRA adapters it serves: "runtime" (--lora, and --lora-dir and the
+    # API's loads while it runs), "start" (--lora only), None (refused).
+    loras: Literal["runtime", "start"] | None = None
+
+    def lora_problem(self, opts: Mapping[str, Any]) -> str | None:
+        """Why this engine cannot take the worker's LoRA options, or None."""
+        if opts.get("lora_dir") and self.loras != "runtime":
+            return f"--lora-dir is served by engines that load adapters while they run; {self.name} does not"
+        if opts.get("lora") and self.loras is None:
+            return f"the {self.name} engine does not serve LoRA adapters (--lora)"
+        return None
 
     def models_problem(self, paths: Sequence[str], names: Sequence[str]) -> str | None:
         """Why these --model-path and --model-name options serve no model as

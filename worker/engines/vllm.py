@@ -10,6 +10,10 @@ of this worker. Prompts are built by the runtime with the model's own
 tokenizer and chat template and reach vLLM as token ids, so every engine
 sees the same tokens for the same request.
 
+A job for a LoRA adapter served with ``--lora`` (vLLM's ``--enable-lora``,
+``--lora-modules``) carries vLLM's ``LoRARequest``; vLLM batches rows of
+different adapters itself (its punica kernels; on CPU their torch form).
+
 vLLM pins its own transformers and torch, so it lives in a virtualenv of its
 own (README, "Engines"; ``python`` below); ``import vllm`` happens only here,
 inside the functions that need it, so declaring the engine (``ENGINE``, with
@@ -38,6 +42,8 @@ from worker.engines.protocol import Update
 from worker.engines.registry import EngineKind, EngineOptions
 from worker.grammar import GrammarSpec, check_spec, spec_of
 from worker.loading import ModelLoadError, ModelSpec, load_tokenizer
+from worker.lora import Adapter
+from worker.lora import read as read_adapter
 from worker.publish import Publisher
 from worker.toolcalls import format_for
 
@@ -47,6 +53,7 @@ log = logging.getLogger("llmq.worker.engines.vllm")
 FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "cancelled"}
 STARTUP_TIMEOUT_S = 900.0  # first start on a CPU compiles kernels for minutes
 VENV = Path(__file__).resolve().parents[2] / ".venv-vllm"  # make install-vllm
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,10 +114,24 @@ def engine_args(spec: ModelSpec, options: VllmOptions) -> dict[str, Any]:
         args["gpu_memory_utilization"] = options.gpu_memory_utilization
     if options.quantization:
         args["quantization"] = options.quantization
+    if options.loras:
+        # vLLM sizes its LoRA buffers for max_loras adapters of max_lora_rank,
+        # one of the ranks it has kernels for; every --lora adapter stays in
+        # its CPU cache (max_cpu_loras), so none is read from disk twice.
+        args.update(enable_lora=True, max_loras=options.max_loras, max_lora_rank=vllm_rank(options.max_lora_rank),
+                    max_cpu_loras=max(options.max_loras, len(options.loras)))
     if spec.load_8bit or spec.load_4bit:
         raise ModelLoadError("--load-8bit/--load-4bit are bitsandbytes loading for --engine transformers; with "
                              "--engine vllm pass a quantized checkpoint and --quantization (awq, gptq, ...)")
     return args
+
+
+def vllm_rank(rank: int) -> int:
+    """The smallest rank vLLM takes as max_lora_rank that holds ``rank``."""
+    fits = [r for r in VLLM_RANKS if r >= rank]
+    if not fits:
+        raise ModelLoadError(f"--max-lora-rank {rank}: vLLM takes ranks up to {VLLM_RANKS[-1]}")
+    return fits[0]
 
 
 def sampling_params(job: Job, max_tokens: int, grammar: GrammarSpec | None = None) -> Any:
@@ -181,11 +202,36 @@ class VllmEngine(LoopEngine):
             self.close_loop()
             raise ModelLoadError(f"--model-path {spec.path}: vLLM could not start: "
                                  f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        # LoRA adapters (--lora): checked by llmq (worker/lora.py), then added
+        # to vLLM's CPU cache now, so one it cannot load stops the worker here.
+        self.adapters: dict[str, Adapter] = {}
+        self._lora_ids: dict[str, int] = {}
+        for name, path in options.loras:
+            if name in self.names or name in self.adapters:
+                raise ModelLoadError(f"--lora {name}={path}: the name {name!r} is served already")
+            self.adapters[name] = read_adapter(name, path, spec, options.max_lora_rank)
+            self._lora_ids[name] = len(self._lora_ids) + 1  # vLLM's ids start at 1
+            try:
+                self.call(self.llm.add_lora(self._lora_request(name)), STARTUP_TIMEOUT_S)
+            except Exception as exc:
+                self.shut_down()
+                self.close_loop()
+                raise ModelLoadError(f"--lora {name}={path}: vLLM could not load it: "
+                                     f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
         config = self.llm.model_config
         self.context_length = int(config.max_model_len)
         self.vocab_size = int(config.get_vocab_size())
         log.info("vLLM engine for %s on %s: context %d, %d sequences at once (pid %d)", ",".join(self.names),
                  self.device, self.context_length, options.max_batch_size, os.getpid())
+
+    def _lora_request(self, model: str) -> Any:
+        """vLLM's LoRARequest for a job of ``model`` (None: the base)."""
+        adapter = self.adapters.get(model)
+        if adapter is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(lora_name=model, lora_int_id=self._lora_ids[model], lora_path=str(adapter.path))
 
     def shut_down(self) -> None:
         try:
@@ -211,7 +257,7 @@ class VllmEngine(LoopEngine):
         job, choices = request.job, request.choices
         params = sampling_params(job, request.max_tokens, spec_of(job, self.tool_format))
         async for out in self.llm.generate(TokensPrompt(prompt_token_ids=request.prompt_ids), params,
-                                           request_id=job.job_id):
+                                           request_id=job.job_id, lora_request=self._lora_request(job.model)):
             self.tick()
             self.put([
                 Update(choices[o.index], text=o.text, tokens=len(o.token_ids),
@@ -236,4 +282,4 @@ def _logprobs(token_ids: Any, entries: Any, k: int | None) -> list[TokenLogprob]
 
 
 ENGINE = EngineKind(name="vllm", engine="worker.engines.vllm:VllmEngine", summary="vllm (its own virtualenv)",
-                    options_type=VllmOptions, options=OPTIONS, python=python)
+                    options_type=VllmOptions, options=OPTIONS, python=python, loras="start")

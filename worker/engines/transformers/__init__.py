@@ -30,36 +30,21 @@ import click
 from worker.engines.registry import EngineKind, EngineOptions
 
 MAX_STEP_TOKENS = 256
-MAX_LORAS = 4
-MAX_LORA_RANK = 16
 
 
 @dataclass(frozen=True, kw_only=True)
 class TransformersOptions(EngineOptions):
     max_step_tokens: int = MAX_STEP_TOKENS
     threads: int | None = None  # torch CPU threads of each engine thread (threads.py); None: torch's count
-    loras: tuple[tuple[str, str], ...] = ()  # --lora NAME=PATH: adapters served as model names (lora.py)
-    max_loras: int = MAX_LORAS
-    max_lora_rank: int = MAX_LORA_RANK
 
     @classmethod
     def read(cls, opts: Mapping[str, Any]) -> Self:
-        from worker.lora import parse_option
-
-        return cls(**cls.common(opts), max_step_tokens=opts.get("max_step_tokens") or MAX_STEP_TOKENS,
-                   loras=tuple(parse_option(v) for v in opts.get("lora") or ()),
-                   max_loras=opts.get("max_loras") or MAX_LORAS, max_lora_rank=opts.get("max_lora_rank") or MAX_LORA_RANK)
+        return cls(**cls.common(opts), max_step_tokens=opts.get("max_step_tokens") or MAX_STEP_TOKENS)
 
 
 OPTIONS = [
     click.Option(["--max-step-tokens"], type=int, default=MAX_STEP_TOKENS,
                  help="tokens one engine step computes: every decoding sequence's next token, then prompt chunks"),
-    click.Option(["--lora"], multiple=True, metavar="NAME=PATH",
-                 help="transformers: serve a PEFT LoRA adapter of the model as model NAME; repeatable"),
-    click.Option(["--max-loras"], type=click.IntRange(min=1), default=MAX_LORAS,
-                 help="transformers: adapters resident at once (the least recently used one gives way)"),
-    click.Option(["--max-lora-rank"], type=click.IntRange(min=1), default=MAX_LORA_RANK,
-                 help="transformers: the highest adapter rank taken; a higher one is refused at load"),
 ]
 
 
@@ -72,4 +57,4 @@ def before_load(options: TransformersOptions) -> TransformersOptions:
 
 ENGINE = EngineKind(name="transformers", engine="worker.engines.transformers.engine:Engine",
                     summary="transformers (default)", options_type=TransformersOptions, options=OPTIONS,
-                    before_load=before_load)
+                    before_load=before_load, loras="runtime")

@@ -19,8 +19,9 @@ The pump thread detokenizes, applies stop strings, attaches logprobs and
 publishes one event per choice, the whole step in one Redis pipeline.
 Celery's worker threads only submit and wait.
 
-A job may name a LoRA adapter served on this model (``--lora``): its rows
-run in the same steps as every other row, with their adapter's deltas
+A job may name a LoRA adapter served on this model (``--lora``,
+``--lora-dir``, or loaded through the API: ``worker/adapters.py``): its
+rows run in the same steps as every other row, with their adapter's deltas
 (``lora.py``); a row whose adapter finds no free slot waits its turn.
 
 A sequence takes KV blocks as it grows. When none is left, the most
@@ -35,13 +36,14 @@ import logging
 import threading
 import time
 from collections import deque
+from pathlib import Path
 
 import torch
 
 from broker.schemas import FinishReason, Job, TokenLogprob
 from worker.engines.batchers import Pump
 from worker.engines.emitter import Emitter
-from worker.engines.protocol import Choice, Update
+from worker.engines.protocol import Choice, Refused, Update
 from worker.engines.transformers import TransformersOptions
 from worker.engines.transformers.attention import NAME as ATTENTION
 from worker.engines.transformers.attention import STEP_KWARG
@@ -53,8 +55,8 @@ from worker.engines.transformers.profile import StepProfile
 from worker.engines.transformers.runs import Plan, Run, StepOutput, layout
 from worker.engines.transformers.sampler import Pick, Sampler, Slot
 from worker.grammar import spec_of
-from worker.loading import LoadedModel, ModelLoadError, ModelSpec, load
-from worker.lora import Adapter
+from worker.loading import LoadedModel, ModelSpec, load
+from worker.lora import Adapter, AdapterError
 from worker.lora import read as read_adapter
 from worker.publish import Publisher
 from worker.toolcalls import format_for
@@ -99,13 +101,11 @@ class Engine:
         # shorter); enough for chat on CPU without taking all memory.
         kv_cache_tokens = options.kv_cache_tokens or max_batch * min(lm.context_length, 2048)
         self.cache = _cache_for(lm, kv_cache_tokens, options.prefix_caching)
-        self.adapters: dict[str, Adapter] = {}  # served adapter name -> its weights (worker/lora.py)
-        for name, path in options.loras:
-            if name in self.names or name in self.adapters:
-                raise ModelLoadError(f"--lora {name}={path}: the name {name!r} is served already")
-            self.adapters[name] = read_adapter(name, path, spec, options.max_lora_rank)
-        self.loras = (LoraBank(lm.model, self.adapters, options.max_loras, options.max_lora_rank)
-                      if self.adapters else None)
+        self.spec = spec
+        self.max_lora_rank = options.max_lora_rank
+        self.loras = LoraBank(lm.model, options.max_loras, options.max_lora_rank)
+        for name, path in options.loras:  # checked whole at start: a bad one stops the worker with the reason
+            self.loras.check(self.add_adapter(name, path))
         self.tool_format = format_for(lm.tokenizer, options.tool_call_parser)
         self.emitter = Emitter(publisher, self.tool_format, options.stream_interval)
         self._lock = threading.Lock()
@@ -143,11 +143,42 @@ class Engine:
         return self._loop_thread.is_alive() or not self._loop_thread.ident
 
     def check(self, job: Job) -> None:
-        """Every request option is honoured here; a grammar must compile (in
-        this Celery thread, not the step loop; the compiler keeps it)."""
+        """Every request option is honoured here; a grammar must compile and
+        an adapter's tensors must be read and fit the model (in this Celery
+        thread, not the step loop; both are kept)."""
         spec = spec_of(job, self.tool_format)
         if spec is not None:
             self.grammars.compile(spec)
+        adapter = self.loras.adapters.get(job.model)
+        if adapter is not None:
+            try:
+                self.loras.check(adapter)
+            except AdapterError as exc:
+                raise Refused(str(exc), "model", "invalid_adapter") from None
+
+    # ------------------------------------------------------- LoRA adapters
+
+    @property
+    def adapters(self) -> dict[str, Adapter]:
+        """The LoRA adapters served as model names (lora.py)."""
+        return self.loras.adapters
+
+    def read_adapter(self, name: str, path: str | Path) -> Adapter:
+        """An adapter's config, checked against this base; raises AdapterError."""
+        if name in self.names:
+            raise AdapterError(f"LoRA adapter {name!r}: the name is this worker's base model")
+        return read_adapter(name, path, self.spec, self.max_lora_rank)
+
+    def add_adapter(self, name: str, path: str | Path) -> Adapter:
+        """Serve ``name`` from now on; its tensors are read on its first job."""
+        if name in self.adapters:
+            raise AdapterError(f"LoRA adapter {name!r} is served already (from {self.adapters[name].path})")
+        adapter = self.read_adapter(name, path)
+        self.loras.add(adapter)
+        return adapter
+
+    def remove_adapter(self, name: str) -> None:
+        self.loras.remove(name)
 
     def step_s(self) -> float:
         return self.profile.mean_step_s()
@@ -155,9 +186,11 @@ class Engine:
     def submit(self, job: Job, prompt_ids: list[int], max_tokens: int, queue_s: float) -> list[Choice]:
         spec = spec_of(job, self.tool_format)
         grammar = self.grammars.compile(spec) if spec is not None else None  # compiled by check(): cached
-        adapter = job.model if job.model in self.adapters else None
+        adapter = self.adapters.get(job.model)
+        name, salt = (None, None) if adapter is None else (adapter.name, hash(("lora", adapter.serial)))
         runs = [Run(job=job, index=i, prompt_ids=prompt_ids, max_tokens=max_tokens, queue_s=queue_s, grammar=grammar,
-                    adapter=adapter, detok=IncrementalDetokenizer(self.tokenizer, prompt_ids)) for i in range(job.n)]
+                    adapter=name, cache_salt=salt, detok=IncrementalDetokenizer(self.tokenizer, prompt_ids))
+                for i in range(job.n)]
         for run in runs:
             self.add(run)
         return list(runs)
@@ -224,7 +257,7 @@ class Engine:
         run.blocks = []
         if run.slot is not None:
             self.sampler.close(run.slot)
-        if run.lora_slot and self.loras is not None:
+        if run.lora_slot:
             self.loras.release(run.lora_slot)
             run.lora_slot = 0
 
@@ -236,15 +269,13 @@ class Engine:
             return
         step, input_ids, positions, logit_at, lora_slots = layout(plan, self.cache, self.lm.device)
         t1 = time.monotonic()
-        if self.loras is not None:
-            self.loras.arm(lora_slots, self.lm.device)
+        self.loras.arm(lora_slots, self.lm.device)
         try:
             with torch.inference_mode():
                 out = self.lm.model(input_ids=input_ids, position_ids=positions, logits_to_keep=logit_at,
                                     use_cache=False, **{STEP_KWARG: step})
         finally:
-            if self.loras is not None:
-                self.loras.disarm()
+            self.loras.disarm()
         t2 = time.monotonic()
         sampling = [r for r, n in plan if r.computed + n == len(r.ids)]
         slots: list[Slot] = [r.slot for r in sampling if r.slot is not None]
@@ -278,7 +309,12 @@ class Engine:
         while self._waiting and len(self._running) < self.max_batch and budget > 0:
             run = self._waiting[0]
             if run.adapter is not None and not run.lora_slot:
-                assert self.loras is not None
+                if run.adapter not in self.loras.adapters:
+                    self._waiting.popleft()
+                    self._retire(run)
+                    self._pump.put([StepOutput(run, None, error=(
+                        f"the LoRA adapter {run.adapter!r} was unloaded while the job waited for a slot"))])
+                    continue
                 slot = self.loras.acquire(run.adapter)
                 if slot is None:
                     no_slot.append(self._waiting.popleft())

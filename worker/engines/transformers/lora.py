@@ -12,14 +12,17 @@ to the base layer's output for that adapter's rows: an exact product per
 adapter, whatever else shares the step, so a row's answer is that adapter's
 alone. A step with no adapter row costs nothing more than the base.
 
-Slots are taken by runs (``acquire``) and given back when a run ends
-(``release``); an adapter not resident takes a free slot or the least
-recently used one no run holds. A run whose adapter finds every slot held
-waits in the engine's queue.
+A layer is wrapped when the first adapter that trains it is loaded into a
+slot, so a model serving no adapter runs its plain layers. Slots are taken
+by runs (``acquire``) and given back when a run ends (``release``); an
+adapter not resident takes a free slot or the least recently used one no run
+holds. A run whose adapter finds every slot held waits in the engine's
+queue.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -69,55 +72,84 @@ class LoraLinear(nn.Module):
 
 
 class LoraBank:
-    """The slots of one model's adapters, and the step they apply to."""
+    """The slots of one model's adapters, and the step they apply to.
 
-    def __init__(self, model: nn.Module, adapters: dict[str, Adapter], max_loras: int, max_rank: int) -> None:
-        self.adapters = adapters
+    Adapters come and go while the worker runs (``add``/``remove``, from the
+    heartbeat's thread); slots are taken, loaded and given back on the
+    engine's thread only, which is also the only one that wraps a layer, so
+    no forward ever sees a layer change under it."""
+
+    def __init__(self, model: nn.Module, max_loras: int, max_rank: int) -> None:
+        self.model = model
         self.max_loras = max_loras
         self.max_rank = max_rank
+        self.adapters: dict[str, Adapter] = {}  # served adapter name -> its files (worker/lora.py)
         self.step: LoraStep | None = None
         self._layers: dict[str, LoraLinear] = {}
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # resident adapters, least recently used first
         self._holders = [0] * (max_loras + 1)  # runs holding each slot
-        self.loads_of: dict[str, int] = dict.fromkeys(adapters, 0)  # per adapter, for the heartbeat
-        modules = dict(model.named_modules())
-        for adapter in adapters.values():
-            for path, (a, b) in adapter.weights.items():
-                if path in self._layers:
-                    continue
-                parent_path, _, attr = path.rpartition(".")
-                base = modules.get(path)
-                if base is None or not hasattr(base, "in_features"):
-                    raise AdapterError(f"LoRA adapter {adapter.name!r} trains {path!r}, which this base model has "
-                                       "no linear layer for: it was trained on another model")
-                layer = LoraLinear(base, self, max_loras, max_rank)
-                setattr(modules[parent_path], attr, layer)
-                self._layers[path] = layer
-        for adapter in adapters.values():  # every shape, before any request
-            for path, (a, b) in adapter.weights.items():
-                layer = self._layers[path]
-                if a.shape[1] != layer.base.in_features or b.shape[0] != layer.base.out_features:
-                    raise AdapterError(f"LoRA adapter {adapter.name!r}: {path} is {b.shape[0]}x{a.shape[1]} in the "
-                                       f"adapter, {layer.base.out_features}x{layer.base.in_features} in this base "
-                                       "model: it was trained on another model")
+        self.loads_of: dict[str, int] = {}  # per adapter, for the heartbeat
+        # _slot_of changes on the engine's thread (acquire) and the heart's
+        # (remove), and is read by the heart and Celery's consumer (resident).
+        self._lock = threading.Lock()
+
+    def add(self, adapter: Adapter) -> None:
+        self.adapters[adapter.name] = adapter
+        self.loads_of.setdefault(adapter.name, 0)
+
+    def remove(self, name: str) -> None:
+        """No new run gets ``name``; runs holding its slot finish with it."""
+        self.adapters.pop(name, None)
+        self.loads_of.pop(name, None)
+        with self._lock:
+            self._slot_of.pop(name, None)
+
+    def check(self, adapter: Adapter) -> None:
+        """Read ``adapter``'s tensors and check each against the layer it
+        trains; raises AdapterError with the reason. Reads the model only."""
+        for path, (a, b) in adapter.weights.items():
+            base = self._base_layer(adapter, path)
+            if a.shape[1] != base.in_features or b.shape[0] != base.out_features:
+                raise AdapterError(f"LoRA adapter {adapter.name!r}: {path} is {b.shape[0]}x{a.shape[1]} in the "
+                                   f"adapter, {base.out_features}x{base.in_features} in this base model: it was "
+                                   "trained on another model")
+
+    def _base_layer(self, adapter: Adapter, path: str) -> nn.Module:
+        try:
+            layer = self.model.get_submodule(path)
+        except AttributeError:
+            layer = None
+        if isinstance(layer, LoraLinear):
+            return layer.base
+        if layer is None or not hasattr(layer, "in_features"):
+            raise AdapterError(f"LoRA adapter {adapter.name!r} trains {path!r}, which this base model has no "
+                               "linear layer for: it was trained on another model")
+        return layer
 
     @property
     def loads(self) -> int:
         return sum(self.loads_of.values())
 
     def resident(self) -> list[str]:
-        return list(self._slot_of)
+        """The adapters in a slot now, least recently used first (any thread)."""
+        with self._lock:
+            return list(self._slot_of)
 
     def acquire(self, name: str) -> int | None:
         """A slot holding ``name``'s weights, held for one run; None if every
-        slot is held by running rows of other adapters."""
-        slot = self._slot_of.get(name)
-        if slot is None:
+        slot is held by running rows of other adapters. Engine thread; raises
+        AdapterError if the adapter's files turn out bad on its first load."""
+        with self._lock:
+            slot = self._slot_of.get(name)
+            if slot is not None:
+                self._slot_of.move_to_end(name)
+                self._holders[slot] += 1
+                return slot
             slot = self._free_slot()
-            if slot is None:
-                return None
-            self._load(name, slot)
-        self._slot_of.move_to_end(name)
+        adapter = self.adapters.get(name)
+        if slot is None or adapter is None:  # None: removed this instant; the engine fails its run
+            return None
+        self._load(adapter, slot)
         self._holders[slot] += 1
         return slot
 
@@ -127,7 +159,7 @@ class LoraBank:
     def _free_slot(self) -> int | None:
         used = set(self._slot_of.values())
         for slot in range(1, self.max_loras + 1):
-            if slot not in used:
+            if slot not in used and self._holders[slot] == 0:  # held: a removed adapter's runs still use it
                 return slot
         for name, slot in self._slot_of.items():  # least recently used first
             if self._holders[slot] == 0:
@@ -135,8 +167,14 @@ class LoraBank:
                 return slot
         return None
 
-    def _load(self, name: str, slot: int) -> None:
-        adapter = self.adapters[name]
+    def _load(self, adapter: Adapter, slot: int) -> None:
+        self.check(adapter)
+        for path in adapter.weights:
+            if path not in self._layers:  # the first adapter to train this layer: wrap it
+                parent, _, attr = path.rpartition(".")
+                layer = LoraLinear(self._base_layer(adapter, path), self, self.max_loras, self.max_rank)
+                setattr(self.model.get_submodule(parent), attr, layer)
+                self._layers[path] = layer
         with torch.no_grad():
             for path, layer in self._layers.items():
                 layer.A[slot].zero_()
@@ -146,8 +184,9 @@ class LoraBank:
                     a, b = pair
                     layer.A[slot, : a.shape[0]].copy_(a)
                     layer.B[slot, :, : b.shape[1]].copy_(b * adapter.scale)
-        self._slot_of[name] = slot
-        self.loads_of[name] += 1
+        with self._lock:
+            self._slot_of[adapter.name] = slot
+        self.loads_of[adapter.name] = self.loads_of.get(adapter.name, 0) + 1
 
     def arm(self, token_slots: list[int], device: torch.device | str) -> None:
         self.step = LoraStep.of(token_slots, device)

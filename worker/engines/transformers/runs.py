@@ -27,6 +27,9 @@ class Run(Choice):
     slot: Slot | None = None
     grammar: Any = None  # the job's compiled xgrammar grammar, if its output is constrained
     adapter: str | None = None  # the LoRA adapter the job names (lora.py); None: the base model
+    # Its prefix-cache chain's start: None for the base; per adapter *as loaded*,
+    # so an adapter unloaded and loaded again under its name shares no KV blocks.
+    cache_salt: int | None = None
     lora_slot: int = 0  # the bank slot holding its weights while it runs (engine thread)
     # engine-thread state
     ids: list[int] = field(init=False)  # prompt, then generated tokens
@@ -42,11 +45,6 @@ class Run(Choice):
     @property
     def generated(self) -> int:
         return len(self.ids) - len(self.prompt_ids)
-
-    @property
-    def cache_salt(self) -> int | None:
-        """Its prefix-cache chain's start: the base's, or its adapter's own."""
-        return None if self.adapter is None else hash(("lora", self.adapter))
 
 
 @dataclass(frozen=True)
