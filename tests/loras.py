@@ -79,3 +79,23 @@ def foreign(root: Path, *, base: str = "gpt2", rank: int = 8, width: int = 768) 
                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(width, rank)},
               str(root / "adapter_model.safetensors"))
     return root
+
+
+def gguf(name: str) -> Path:
+    """A test adapter as a GGUF LoRA file for the llama.cpp engine, converted
+    with the converter of the llama.cpp that ``make install-engines`` built
+    (``convert_lora_to_gguf.py``, against the demo model's own weights); made
+    again when the adapter was trained again."""
+    import subprocess
+    import sys
+
+    peft = build()[name]
+    out = ROOT / f"{name}.gguf"
+    weights = peft / "adapter_model.safetensors"
+    if out.is_file() and out.stat().st_mtime >= weights.stat().st_mtime:
+        return out
+    server = Path(__file__).resolve().parents[1] / ".engines" / "llama-server"
+    source = server.resolve().parents[2]  # <llama.cpp>/build/bin/llama-server
+    subprocess.run([sys.executable, str(source / "convert_lora_to_gguf.py"), "--base", str(DEMO_MODEL_DIR),
+                    "--outfile", str(out), "--outtype", "f32", str(peft)], check=True, capture_output=True)
+    return out

@@ -34,12 +34,13 @@ import redis
 from broker.settings import Settings
 from cli.argv import engine_python
 from tests.loras import PHRASES, build
+from tests.loras import gguf as lora_gguf
 from tests.procs import DEMO_MODEL_DIR, NO_END_BIAS, Proc, spawn, start_api, start_redis, wait_for, wait_model
 
 pytestmark = pytest.mark.e2e
 
 ENGINES = ["transformers", "vllm", "llama.cpp", "synthetic"]
-LORA_ENGINES = ("transformers", "vllm")  # the others refuse --lora at start (README, "LoRA adapters")
+LORA_ENGINES = ("transformers", "vllm", "llama.cpp")  # the synthetic engine refuses --lora (it has no weights)
 ADAPTER = "alpha"  # one of tests/loras.py's adapters, served beside the base as its own model
 MODEL = "m"
 TTL_S = 2.0
@@ -80,7 +81,7 @@ def start_engine_worker(engine: str, env: dict[str, str], name: str) -> Proc:
     path = gguf() if engine == "llama.cpp" else str(DEMO_MODEL_DIR)
     extra = {"vllm": ["--dtype", "float32"], "synthetic": ["--synthetic-prefill-us", "2000"]}.get(engine, [])
     if engine in LORA_ENGINES:
-        extra += ["--lora", f"{ADAPTER}={build()[ADAPTER]}"]
+        extra += ["--lora", f"{ADAPTER}={lora_gguf(ADAPTER) if engine == 'llama.cpp' else build()[ADAPTER]}"]
     argv = [sys.executable, "-m", "cli.main", "worker", "--engine", engine, "--model-path", path,
             "--model-name", MODEL, "--concurrency", "4", "--hostname", f"{name}@%h", *extra]
     return spawn(name, argv, env)
@@ -155,7 +156,7 @@ def test_chat_shape_and_usage(es: EngineStack) -> None:
 
 def test_a_lora_adapter_answers_as_it_was_trained_and_the_base_does_not(es: EngineStack) -> None:
     if es.engine not in LORA_ENGINES:
-        pytest.skip(f"the {es.engine} engine refuses --lora at start (tested in tests/test_lora_e2e.py)")
+        pytest.skip(f"the {es.engine} engine has no weights to adapt: it refuses --lora at start")
     card = models(es.base_url)[ADAPTER]
     assert card["parent"] == MODEL and card["workers"] == 2
 

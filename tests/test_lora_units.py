@@ -29,7 +29,7 @@ def adapters() -> dict[str, Path]:
 def bank_of(model, adapters: list[Adapter], slots: int):  # type: ignore[no-untyped-def]
     from worker.engines.transformers.lora import LoraBank
 
-    bank = LoraBank(model, slots, 16)
+    bank = LoraBank(model, SPEC, slots, 16)
     for adapter in adapters:
         bank.check(adapter)
         bank.add(adapter)
@@ -103,7 +103,7 @@ def test_adapters_this_base_cannot_take_are_refused_with_the_reason(tmp_path: Pa
     lying = read("lying", foreign(tmp_path / "lying", base=str(DEMO_MODEL_DIR)), SPEC, 16)
     model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype=torch.float32)
     with pytest.raises(AdapterError, match="768x768 in the adapter, 576x576 in this base model"):
-        LoraBank(model, 1, 16).check(lying)
+        LoraBank(model, SPEC, 1, 16).check(lying)
     with pytest.raises(AdapterError, match="no adapter_config.json"):
         read("empty", tmp_path, SPEC, 16)
     assert parse_option("alpha=/x/y") == ("alpha", "/x/y")
@@ -124,7 +124,7 @@ def test_adapters_come_and_go_while_runs_keep_their_slots(adapters: dict[str, Pa
     from worker.engines.transformers.lora import LoraBank, LoraLinear
 
     model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype=torch.float32)
-    bank = LoraBank(model, 1, 16)
+    bank = LoraBank(model, SPEC, 1, 16)
     assert not any(isinstance(m, LoraLinear) for m in model.modules())  # no adapter yet: the plain model
     for name in ("alpha", "bravo"):
         shutil.copytree(adapters[name], tmp_path / name)

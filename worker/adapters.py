@@ -27,19 +27,28 @@ from worker.lora import Adapter, AdapterError, scan
 log = logging.getLogger("llmq.worker.adapters")
 
 
+class AdapterBank(Protocol):
+    """What serves an engine's adapters while it runs (the transformers
+    engine's ``LoraBank``)."""
+
+    adapters: dict[str, Adapter]
+
+    def read(self, name: str, path: str | Path) -> Adapter: ...
+    def check(self, adapter: Adapter) -> None: ...
+    def serve(self, name: str, path: str | Path) -> Adapter: ...
+    def remove(self, name: str) -> None: ...
+
+
 class AdapterHost(Protocol):
-    """An engine that serves LoRA adapters (the transformers engine)."""
+    """An engine whose adapters come and go while it runs."""
 
     names: list[str]
     adapters: dict[str, Adapter]
-
-    def read_adapter(self, name: str, path: str | Path) -> Adapter: ...
-    def add_adapter(self, name: str, path: str | Path) -> Adapter: ...
-    def remove_adapter(self, name: str) -> None: ...
+    loras: AdapterBank
 
 
 def hosts(engines: list[Any]) -> list[AdapterHost]:
-    return [e for e in engines if hasattr(e, "add_adapter")]
+    return [e for e in engines if hasattr(getattr(e, "loras", None), "serve")]
 
 
 class AdapterSync:
@@ -59,7 +68,7 @@ class AdapterSync:
         wanted = self._wanted()
         for name, (engine, path) in list(self._added.items()):
             if wanted.get(name) != (engine, path):
-                engine.remove_adapter(name)
+                engine.loras.remove(name)
                 del self._added[name]
                 self._on_change(name, None)
                 self._forget(name)
@@ -70,7 +79,7 @@ class AdapterSync:
             try:
                 if any(name in e.names or name in e.adapters for e in self._engines):
                     raise AdapterError(f"LoRA adapter {name!r}: the name is served here already")
-                engine.add_adapter(name, path)
+                engine.loras.serve(name, path)
             except AdapterError as exc:
                 self._refused.add((name, path))
                 log.error("LoRA adapter %s (%s) not served: %s", name, path, exc)

@@ -57,7 +57,8 @@ OPTIONS = [
     click.Option(["--tool-call-parser"], type=click.Choice(TOOL_FORMATS), default=None,
                  help="how the model writes tool calls; default: read from its chat template, else generic"),
     click.Option(["--lora"], multiple=True, metavar="NAME=PATH",
-                 help="transformers, vllm: serve a PEFT LoRA adapter of the model as model NAME; repeatable"),
+                 help="serve a LoRA adapter of the model as model NAME (transformers, vllm: a PEFT directory; "
+                      "llama.cpp: a GGUF LoRA file); repeatable"),
     click.Option(["--lora-dir"], default=None, metavar="DIR",
                  help="transformers: serve each PEFT adapter directory in DIR as a model of its directory's name, "
                       "found while the worker runs and read on first use"),

@@ -315,13 +315,14 @@ class Runtime:
         adapter here and check it against this base, as a job of its own
         would, without taking a slot; a refusal is a 400 with the reason."""
         assert job.adapter is not None
-        check = getattr(engine, "loras", None)
-        if check is None:
+        bank = getattr(engine, "loras", None)
+        if not hasattr(bank, "serve"):
             return self._fail(job, 400, "invalid_adapter", "lora_path",
-                              f"The {engine.kind} engine serving '{job.model}' does not take LoRA adapters.")
+                              f"The {engine.kind} engine serving '{job.model}' takes LoRA adapters only at its start "
+                              "(--lora), not loaded while it runs.")
         try:
-            adapter = engine.read_adapter(job.adapter.name, job.adapter.path)  # type: ignore[attr-defined]
-            check.check(adapter)
+            adapter = bank.read(job.adapter.name, job.adapter.path)
+            bank.check(adapter)
         except AdapterError as exc:
             return self._fail(job, 400, "invalid_adapter", "lora_path", str(exc))
         self.publisher.publish([(job.reply_channel, AdapterChecked(job_id=job.job_id, seq=0, rank=adapter.rank,

@@ -10,6 +10,11 @@ server's stream onto ``Update`` records. Every sampler that llmq does not
 expose is set to its neutral value, so llama.cpp's defaults (top-k 40,
 min-p 0.05, ...) never change an answer behind the client's back.
 
+LoRA adapters (``--lora NAME=FILE.gguf``, converted from PEFT with
+llama.cpp's ``convert_lora_to_gguf.py``) are loaded by the server at start
+at scale 0; every request sets each adapter's scale, 1 for its own.
+One the base cannot take stops the server, and so the worker, at start.
+
 The worker starts the server, waits until it is healthy, and stops it with
 itself; on Linux the server also dies with the worker (``PR_SET_PDEATHSIG``)
 so a killed worker leaves no orphan. If the server exits on its own,
@@ -84,22 +89,51 @@ def binary(options: LlamaCppOptions) -> Path:
     return path
 
 
-def server_argv(exe: Path, spec: ModelSpec, options: LlamaCppOptions, socket_path: Path) -> list[str]:
+def adapter_files(spec: ModelSpec, options: LlamaCppOptions) -> dict[str, Path]:
+    """``--lora NAME=PATH``: GGUF LoRA files, in the order llama-server gets
+    them (its adapter ids are their positions)."""
+    adapters: dict[str, Path] = {}
+    for name, path in options.loras:
+        file = Path(path)
+        if name in spec.served_names() or name in adapters:
+            raise ModelLoadError(f"--lora {name}={path}: the name {name!r} is served already")
+        if file.is_dir():
+            raise ModelLoadError(f"--lora {name}={path}: llama.cpp takes GGUF LoRA files, not a PEFT directory; "
+                                 "convert it with llama.cpp's convert_lora_to_gguf.py --base <the base's Hugging "
+                                 f"Face directory> --outfile {name}.gguf {path}")
+        if not file.is_file() or file.suffix != ".gguf":
+            raise ModelLoadError(f"--lora {name}={path}: no GGUF LoRA file there")
+        if "," in path or ":" in path:  # llama-server's --lora-scaled takes FILE:SCALE,FILE:SCALE
+            raise ModelLoadError(f"--lora {name}={path}: llama-server cannot take a path with ',' or ':'")
+        adapters[name] = file
+    return adapters
+
+
+def server_argv(exe: Path, spec: ModelSpec, options: LlamaCppOptions, socket_path: Path,
+                adapters: Mapping[str, Path] | None = None) -> list[str]:
     """One slot per batch row; the KV cache (``-c``) is shared by the slots.
     The server listens on a UNIX socket only the worker knows: a token
     crosses it with less kernel work than over TCP, on both sides, and
-    nothing else can reach the server."""
+    nothing else can reach the server. LoRA adapters are loaded at scale 0
+    (the base); a request names the one it runs with (``request_body``)."""
     slots = options.max_batch_size
     argv = [str(exe), "-m", spec.path, "--host", str(socket_path), "--alias", spec.served_names()[0],
             "-np", str(slots), "-c", str(options.kv_cache_tokens or slots * 2048),
             "-t", str(os.cpu_count() or 1), "--no-webui"]
     if options.n_gpu_layers is not None:
         argv += ["-ngl", str(options.n_gpu_layers)]
+    if adapters:
+        argv += ["--lora-scaled", ",".join(f"{path}:0" for path in adapters.values())]
     return argv
 
 
-def request_body(job: Job, index: int, prompt_ids: list[int], max_tokens: int) -> dict[str, Any]:
-    """One choice as a ``/completion`` request, every llmq option mapped."""
+def request_body(job: Job, index: int, prompt_ids: list[int], max_tokens: int,
+                 adapters: int = 0, adapter_id: int | None = None) -> dict[str, Any]:
+    """One choice as a ``/completion`` request, every llmq option mapped. With
+    ``adapters`` LoRA adapters loaded, every request sets each one's scale:
+    1 for its own adapter, 0 for the others (a base request: all 0), since a
+    slot keeps the scales of the request it ran last when a request omits
+    them."""
     s = job.sampling
     # Greedy: top-k 1 picks the same token (penalties and logit_bias come
     # before top-k in llama.cpp's chain), and spares every later sampler a
@@ -124,6 +158,8 @@ def request_body(job: Job, index: int, prompt_ids: list[int], max_tokens: int) -
         body["n_probs"] = max(s.logprobs, 1)  # 0 would send no probabilities at all; the top list is cut to k
     if job.constraint is not None and job.constraint.kind == "json":  # check() refused every other grammar
         body["json_schema"] = job.constraint.json_schema or JSON_OBJECT
+    if adapters:
+        body["lora"] = [{"id": i, "scale": 1.0 if i == adapter_id else 0.0} for i in range(adapters)]
     return body
 
 
@@ -143,11 +179,13 @@ class LlamaCppEngine(LoopEngine):
             raise ModelLoadError("--load-8bit/--load-4bit are for --engine transformers; a GGUF file carries its "
                                  "own quantization")
         exe = binary(options)
+        self.adapters = adapter_files(spec, options)  # --lora: served as model names, ids by position
+        self._adapter_ids = {name: i for i, name in enumerate(self.adapters)}
         self.tokenizer = load_tokenizer(spec)
         self._dir = Path(tempfile.mkdtemp(prefix=f"llmq-llama-server-{os.getpid()}-"))
         self.socket_path = self._dir / "server.sock"  # llama-server takes a --host ending in .sock as a UNIX socket
         self.log_path = self._dir / "server.log"
-        argv = server_argv(exe, spec, options, self.socket_path)
+        argv = server_argv(exe, spec, options, self.socket_path, self.adapters)
         log.info("starting %s (log %s)", " ".join(argv), self.log_path)
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(
@@ -225,7 +263,8 @@ class LlamaCppEngine(LoopEngine):
         """One choice as one streamed request; cancelling this task closes
         the stream, which makes llama.cpp free the slot."""
         (choice,) = request.choices
-        body = request_body(request.job, choice.index, request.prompt_ids, request.max_tokens)
+        body = request_body(request.job, choice.index, request.prompt_ids, request.max_tokens,
+                            len(self._adapter_ids), self._adapter_ids.get(request.job.model))
         k = choice.job.sampling.logprobs
         counted = 0
 
@@ -272,4 +311,4 @@ def _logprobs(entries: Any, k: int | None) -> list[TokenLogprob] | None:
 
 
 ENGINE = EngineKind(name="llama.cpp", engine="worker.engines.llamacpp:LlamaCppEngine", summary="llama.cpp (GGUF)",
-                    options_type=LlamaCppOptions, options=OPTIONS)
+                    options_type=LlamaCppOptions, options=OPTIONS, loras="start")

@@ -36,14 +36,13 @@ import logging
 import threading
 import time
 from collections import deque
-from pathlib import Path
 
 import torch
 
-from broker.schemas import FinishReason, Job, TokenLogprob
+from broker.schemas import FinishReason, Job
 from worker.engines.batchers import Pump
 from worker.engines.emitter import Emitter
-from worker.engines.protocol import Choice, Refused, Update
+from worker.engines.protocol import Choice, Refused
 from worker.engines.transformers import TransformersOptions
 from worker.engines.transformers.attention import NAME as ATTENTION
 from worker.engines.transformers.attention import STEP_KWARG
@@ -52,12 +51,11 @@ from worker.engines.transformers.grammars import Grammars
 from worker.engines.transformers.kvcache import KVCache
 from worker.engines.transformers.lora import LoraBank
 from worker.engines.transformers.profile import StepProfile
-from worker.engines.transformers.runs import Plan, Run, StepOutput, layout
-from worker.engines.transformers.sampler import Pick, Sampler, Slot
+from worker.engines.transformers.runs import Plan, Run, StepOutput, layout, updates_of
+from worker.engines.transformers.sampler import Sampler, Slot
 from worker.grammar import spec_of
 from worker.loading import LoadedModel, ModelSpec, load
 from worker.lora import Adapter, AdapterError
-from worker.lora import read as read_adapter
 from worker.publish import Publisher
 from worker.toolcalls import format_for
 
@@ -101,11 +99,9 @@ class Engine:
         # shorter); enough for chat on CPU without taking all memory.
         kv_cache_tokens = options.kv_cache_tokens or max_batch * min(lm.context_length, 2048)
         self.cache = _cache_for(lm, kv_cache_tokens, options.prefix_caching)
-        self.spec = spec
-        self.max_lora_rank = options.max_lora_rank
-        self.loras = LoraBank(lm.model, options.max_loras, options.max_lora_rank)
+        self.loras = LoraBank(lm.model, spec, options.max_loras, options.max_lora_rank)
         for name, path in options.loras:  # checked whole at start: a bad one stops the worker with the reason
-            self.loras.check(self.add_adapter(name, path))
+            self.loras.check(self.loras.serve(name, path))
         self.tool_format = format_for(lm.tokenizer, options.tool_call_parser)
         self.emitter = Emitter(publisher, self.tool_format, options.stream_interval)
         self._lock = threading.Lock()
@@ -156,29 +152,10 @@ class Engine:
             except AdapterError as exc:
                 raise Refused(str(exc), "model", "invalid_adapter") from None
 
-    # ------------------------------------------------------- LoRA adapters
-
     @property
     def adapters(self) -> dict[str, Adapter]:
-        """The LoRA adapters served as model names (lora.py)."""
+        """The LoRA adapters served as model names; ``loras`` serves them (lora.py)."""
         return self.loras.adapters
-
-    def read_adapter(self, name: str, path: str | Path) -> Adapter:
-        """An adapter's config, checked against this base; raises AdapterError."""
-        if name in self.names:
-            raise AdapterError(f"LoRA adapter {name!r}: the name is this worker's base model")
-        return read_adapter(name, path, self.spec, self.max_lora_rank)
-
-    def add_adapter(self, name: str, path: str | Path) -> Adapter:
-        """Serve ``name`` from now on; its tensors are read on its first job."""
-        if name in self.adapters:
-            raise AdapterError(f"LoRA adapter {name!r} is served already (from {self.adapters[name].path})")
-        adapter = self.read_adapter(name, path)
-        self.loras.add(adapter)
-        return adapter
-
-    def remove_adapter(self, name: str) -> None:
-        self.loras.remove(name)
 
     def step_s(self) -> float:
         return self.profile.mean_step_s()
@@ -396,35 +373,8 @@ class Engine:
     def _publish_step(self, outputs: list[StepOutput]) -> None:
         """Tokens to text (stop strings applied, logprobs attached), then events."""
         t = time.monotonic()
-        per_run: dict[Run, list[StepOutput]] = {}
-        for o in outputs:  # several steps may have piled up
-            per_run.setdefault(o.run, []).append(o)
-        updates: list[Update] = []
-        for run, outs in per_run.items():
-            if run.finish_reason is not None:  # cancelled or stopped; a step may still have been in flight
-                continue
-            error = next((o.error for o in outs if o.error), None)
-            if error is not None:
-                updates.append(Update(run, error=error))
-                continue
-            fresh = [o.token for o in outs if o.token is not None]
-            finish = next((o.finish for o in outs if o.finish), None)
-            text, stopped = run.stops.feed(run.detok.push(fresh))
-            if finish and not stopped:
-                more, stopped = run.stops.feed(run.detok.flush())
-                text += more if stopped else more + run.stops.flush()
-            picks = run.slot.take(len(fresh)) if run.slot is not None and run.slot.wants_logprobs else []
-            if stopped and not finish:
-                run.dropped = True  # the rest would never be sent
-                self._wake.set()
-            updates.append(Update(run, text=text, tokens=len(fresh), logprobs=self._logprobs(picks) if picks else None,
-                                  finish="stop" if stopped else finish))
+        updates, dropped = updates_of(outputs, self.lm.tokenizer.decode)
+        if dropped:
+            self._wake.set()
         self.emitter.publish(updates)
         self.profile.add("publish", time.monotonic() - t)
-
-    def _logprobs(self, picks: list[Pick]) -> list[TokenLogprob]:
-        decode = self.lm.tokenizer.decode
-        return [
-            TokenLogprob(token=decode([p.token]), logprob=p.logprob, top=[(decode([t]), lp) for t, lp in p.top])
-            for p in picks
-        ]

@@ -25,11 +25,13 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from worker.lora import Adapter, AdapterError
+from worker.loading import ModelSpec
+from worker.lora import Adapter, AdapterError, read
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,9 @@ class LoraBank:
     engine's thread only, which is also the only one that wraps a layer, so
     no forward ever sees a layer change under it."""
 
-    def __init__(self, model: nn.Module, max_loras: int, max_rank: int) -> None:
+    def __init__(self, model: nn.Module, base: ModelSpec, max_loras: int, max_rank: int) -> None:
         self.model = model
+        self.base = base
         self.max_loras = max_loras
         self.max_rank = max_rank
         self.adapters: dict[str, Adapter] = {}  # served adapter name -> its files (worker/lora.py)
@@ -92,6 +95,20 @@ class LoraBank:
         # _slot_of changes on the engine's thread (acquire) and the heart's
         # (remove), and is read by the heart and Celery's consumer (resident).
         self._lock = threading.Lock()
+
+    def read(self, name: str, path: str | Path) -> Adapter:
+        """An adapter's config, checked against this base; raises AdapterError."""
+        if name in self.base.served_names():
+            raise AdapterError(f"LoRA adapter {name!r}: the name is this worker's base model")
+        return read(name, path, self.base, self.max_rank)
+
+    def serve(self, name: str, path: str | Path) -> Adapter:
+        """Serve ``name`` from now on; its tensors are read on its first job."""
+        if name in self.adapters:
+            raise AdapterError(f"LoRA adapter {name!r} is served already (from {self.adapters[name].path})")
+        adapter = self.read(name, path)
+        self.add(adapter)
+        return adapter
 
     def add(self, adapter: Adapter) -> None:
         self.adapters[adapter.name] = adapter

@@ -5,12 +5,13 @@ sequence the model's forward takes (``worker/engines/transformers/attention.py``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from broker.schemas import FinishReason
-from worker.engines.protocol import Choice
+from broker.schemas import FinishReason, TokenLogprob
+from worker.engines.protocol import Choice, Update
 from worker.engines.transformers.attention import Chunk, StepLayout
 from worker.engines.transformers.detok import IncrementalDetokenizer
 from worker.engines.transformers.kvcache import KVCache
@@ -93,3 +94,35 @@ def layout(plan: Plan, cache: KVCache, device: torch.device | str
                         decode_read=decode_read, decode_mask=decode_mask, chunks=tuple(chunks))
     return (layout, torch.tensor([ids], device=device), torch.tensor([positions], device=device),
             torch.tensor(logit_at, device=device, dtype=torch.long), slots)
+
+
+def updates_of(outputs: list[StepOutput], decode: Callable[[list[int]], str]) -> tuple[list[Update], bool]:
+    """Steps' outputs as one Update per run: tokens to text (stop strings
+    applied, logprobs attached). Also whether a run just met a stop string
+    (it is marked dropped: the engine lets it go at its next step)."""
+    per_run: dict[Run, list[StepOutput]] = {}
+    for o in outputs:  # several steps may have piled up
+        per_run.setdefault(o.run, []).append(o)
+    updates: list[Update] = []
+    dropped = False
+    for run, outs in per_run.items():
+        if run.finish_reason is not None:  # cancelled or stopped; a step may still have been in flight
+            continue
+        error = next((o.error for o in outs if o.error), None)
+        if error is not None:
+            updates.append(Update(run, error=error))
+            continue
+        fresh = [o.token for o in outs if o.token is not None]
+        finish = next((o.finish for o in outs if o.finish), None)
+        text, stopped = run.stops.feed(run.detok.push(fresh))
+        if finish and not stopped:
+            more, stopped = run.stops.feed(run.detok.flush())
+            text += more if stopped else more + run.stops.flush()
+        picks = run.slot.take(len(fresh)) if run.slot is not None and run.slot.wants_logprobs else []
+        if stopped and not finish:
+            run.dropped = dropped = True  # the rest would never be sent
+        logprobs = [TokenLogprob(token=decode([p.token]), logprob=p.logprob, top=[(decode([t]), lp) for t, lp in p.top])
+                    for p in picks] or None
+        updates.append(Update(run, text=text, tokens=len(fresh), logprobs=logprobs,
+                              finish="stop" if stopped else finish))
+    return updates, dropped
