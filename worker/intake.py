@@ -47,6 +47,8 @@ class Intake:
             return
         now = time.monotonic()
         wanted = set(self._wanted())
+        for name in wanted & self._leaving.keys():  # wanted again before it was left: a later leave starts anew
+            del self._leaving[name]
         for name in self._consumed - wanted:
             until = self._leaving.setdefault(name, now + self._grace_s)
             if until > now or self._has_jobs(name, now):
@@ -54,7 +56,6 @@ class Intake:
             else:
                 del self._leaving[name]
         for name in wanted - self._consumed:
-            self._leaving.pop(name, None)
             consumer.app.amqp.queues.select_add(name)  # as the bootstep selects the others (again: left once)
             consumer.add_task_queue(name)
         for name in self._consumed - wanted:
