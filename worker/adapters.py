@@ -7,7 +7,7 @@ found as it appears) and those loaded through the API (``POST
 appeared (config read and checked, tensors on first use), stops serving what
 was unloaded or left the directory, and the heartbeat that follows announces
 the change. The worker's Celery consumer then takes from the new queues and
-leaves the old ones (``Runtime.apply_queues``). An adapter that cannot be
+leaves the old ones (``worker/intake.py``). An adapter that cannot be
 served is logged once with the reason, not retried every beat.
 """
 

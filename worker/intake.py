@@ -38,10 +38,6 @@ class Intake:
         self._leaving: dict[str, float] = {}  # queue -> taken at least until (monotonic)
         self._looked_at: dict[str, float] = {}
 
-    @property
-    def consumed(self) -> set[str]:
-        return set(self._consumed)
-
     def apply(self, consumer: Any) -> None:
         if getattr(consumer, "task_consumer", None) is None:  # not connected yet
             return
